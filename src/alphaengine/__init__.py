@@ -1,0 +1,3 @@
+"""alphaengine: a fault-tolerant, real-time crypto trading engine."""
+
+__version__ = "0.1.0"

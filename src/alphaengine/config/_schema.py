@@ -1,0 +1,165 @@
+"""Typed, frozen, strict configuration objects (msgspec structs that reject unknown keys)."""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+import msgspec
+
+
+class Strict(msgspec.Struct, kw_only=True, frozen=True, forbid_unknown_fields=True):
+    """Base of every configuration section: frozen, keyword-only, unknown keys rejected."""
+
+
+class SupervisorConfig(Strict):
+    """How crashed modules are restarted."""
+
+    backoff_initial_s: float = 0.5
+    backoff_max_s: float = 30.0
+    max_restarts: int = 5
+    """A module that fails more than this many times within ``restart_window_s`` becomes FAULTED."""
+    restart_window_s: float = 300.0
+
+
+class EngineConfig(Strict):
+    """The engine process as a whole."""
+
+    name: str = "alphaengine"
+    data_dir: str = "var/data"
+    """Where embedded state lives (relative paths are relative to the working directory)."""
+    stop_deadline_s: float = 15.0
+    """Graceful stop (drain, flush, commit) must finish within this many seconds."""
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    supervisor: SupervisorConfig = SupervisorConfig()
+
+
+# -- bus ------------------------------------------------------------------------------------------
+
+
+class MemoryBusConfig(Strict, tag="memory", tag_field="kind"):
+    """The in-memory bus: Kafka's semantics inside the process, nothing kept across restarts."""
+
+    partitions: int = 4
+    max_backlog_bytes: int = 256 * 1024 * 1024
+    """Producers wait while a partition holds more than this many bytes not yet committed by all groups."""
+
+
+class LocalBusConfig(Strict, tag="local", tag_field="kind"):
+    """The embedded bus: in-memory semantics, records and offsets kept in a local log directory."""
+
+    path: str
+    partitions: int = 4
+    max_backlog_bytes: int = 256 * 1024 * 1024
+    segment_bytes: int = 64 * 1024 * 1024
+    fsync: bool = False
+    """fsync each write: survives a machine crash, not only a process crash, at a cost in throughput."""
+
+
+class KafkaBusConfig(Strict, tag="kafka", tag_field="kind"):
+    """Apache Kafka through aiokafka."""
+
+    bootstrap_servers: str
+    partitions: int = 12
+    replication_factor: int = 1
+    client_id: str = "alphaengine"
+    compression: Literal["none", "gzip", "snappy", "lz4", "zstd"] = "zstd"
+    linger_ms: int = 5
+    security_protocol: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] = "PLAINTEXT"
+    sasl_mechanism: Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"] | None = None
+    sasl_username: str | None = None
+    sasl_password: str | None = None
+    journal_path: str | None = None
+    """Where the source side spills records while the broker is unreachable."""
+    journal_max_bytes: int = 1024 * 1024 * 1024
+
+
+BusConfig = MemoryBusConfig | LocalBusConfig | KafkaBusConfig
+
+
+# -- store ----------------------------------------------------------------------------------------
+
+
+class MemoryStoreConfig(Strict, tag="memory", tag_field="kind"):
+    """The in-memory store (tests)."""
+
+
+class ChdbStoreConfig(Strict, tag="chdb", tag_field="kind"):
+    """chDB, embedded ClickHouse in a local directory (one process per directory)."""
+
+    path: str
+    database: str = "alphaengine"
+
+
+class ClickHouseStoreConfig(Strict, tag="clickhouse", tag_field="kind"):
+    """A ClickHouse server over the native protocol."""
+
+    host: str = "127.0.0.1"
+    port: int = 9000
+    database: str = "alphaengine"
+    user: str = "default"
+    password: str = ""
+    secure: bool = False
+    pool_size: int = 4
+
+
+StoreConfig = MemoryStoreConfig | ChdbStoreConfig | ClickHouseStoreConfig
+
+
+# -- object store ---------------------------------------------------------------------------------
+
+
+class MemoryObjectStoreConfig(Strict, tag="memory", tag_field="kind"):
+    """The in-memory object store (tests)."""
+
+
+class LocalObjectStoreConfig(Strict, tag="local", tag_field="kind"):
+    """Objects as files under a local directory."""
+
+    path: str
+
+
+class S3ObjectStoreConfig(Strict, tag="s3", tag_field="kind"):
+    """Any S3-compatible endpoint."""
+
+    bucket: str
+    endpoint_url: str | None = None
+    region: str = "us-east-1"
+    access_key_id: str | None = None
+    secret_access_key: str | None = None
+    prefix: str = ""
+    multipart_threshold_bytes: int = 16 * 1024 * 1024
+    part_size_bytes: int = 8 * 1024 * 1024
+
+
+ObjectStoreConfig = MemoryObjectStoreConfig | LocalObjectStoreConfig | S3ObjectStoreConfig
+
+
+# -- operations -----------------------------------------------------------------------------------
+
+
+class MetricsConfig(Strict):
+    """The Prometheus endpoint."""
+
+    port: int
+    """TCP port of ``/metrics``; 0 picks a free port."""
+    host: str = "127.0.0.1"
+    enabled: bool = True
+
+
+class AdminConfig(Strict):
+    """The admin socket (a Unix socket speaking JSON lines)."""
+
+    socket: str
+    token: str | None = None
+
+
+class AppConfig(Strict):
+    """A whole configuration file. ``modules`` maps a module name to its section (see ModuleConfig)."""
+
+    metrics: MetricsConfig
+    admin: AdminConfig
+    engine: EngineConfig = EngineConfig()
+    bus: BusConfig = MemoryBusConfig()
+    store: StoreConfig = MemoryStoreConfig()
+    objectstore: ObjectStoreConfig = MemoryObjectStoreConfig()
+    modules: dict[str, dict[str, Any]] = msgspec.field(default_factory=dict)

@@ -1,0 +1,109 @@
+"""Prometheus metrics of the engine (served by prometheus-async on ``[metrics] port``).
+
+Names follow Prometheus conventions: ``alphaengine_`` prefix, base units (seconds, bytes), ``_total`` for
+counters, and label sets bounded by configuration (module names, symbols, intervals), never by data.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import Iterable
+
+from prometheus_client import Counter, Gauge, Histogram
+from prometheus_client.metrics import MetricWrapperBase
+
+TICKS_RECEIVED = Counter(
+    "alphaengine_ticks_received_total", "Trades received from a source.", ["source", "symbol"]
+)
+TICKS_STORED = Counter("alphaengine_ticks_stored_total", "Trades written to the store.", ["symbol"])
+BARS = Counter("alphaengine_bars_total", "Bars completed by the bar builder.", ["symbol", "interval"])
+BARS_STORED = Counter("alphaengine_bars_stored_total", "Bars written to the store.", ["interval"])
+LATE_TICKS = Counter(
+    "alphaengine_late_ticks_total", "Trades older than their symbol's open bar (not in any bar).", ["symbol"]
+)
+SOURCE_REJECTS = Counter(
+    "alphaengine_source_rejects_total", "Input a source refused, by reason.", ["source", "reason"]
+)
+DEAD_LETTERS = Counter(
+    "alphaengine_dead_letters_total", "Records sent to a dead-letter topic.", ["topic", "consumer"]
+)
+STORE_INSERTS = Counter("alphaengine_store_inserts_total", "Insert statements sent to the store.", ["table"])
+STORE_INSERT_ERRORS = Counter(
+    "alphaengine_store_insert_errors_total", "Insert attempts that failed.", ["table"]
+)
+STORE_INSERT_SECONDS = Histogram(
+    "alphaengine_store_insert_duration_seconds",
+    "Time to insert one batch.",
+    ["table"],
+    buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0),
+)
+CONSUMER_LAG = Gauge("alphaengine_consumer_lag_records", "Records not yet read, per consumer.", ["consumer"])
+BUS_BACKLOG = Gauge(
+    "alphaengine_bus_backlog_bytes", "Bytes held by the embedded bus not yet committed by all groups.", ["topic"]
+)
+EVENT_LOOP_LAG = Gauge(
+    "alphaengine_event_loop_lag_seconds", "How late the event loop ran the last lag probe."
+)
+EVENT_LOOP_LAG_HIST = Histogram(
+    "alphaengine_event_loop_lag_distribution_seconds",
+    "Distribution of event-loop lag probes.",
+    buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5),
+)
+MODULE_STATE = Gauge(
+    "alphaengine_module_state", "1 for the state a module is in, 0 for the others.", ["module", "state"]
+)
+MODULE_RESTARTS = Counter(
+    "alphaengine_module_restarts_total", "Restarts of a module by the supervisor.", ["module"]
+)
+MODULE_FAILURES = Counter("alphaengine_module_failures_total", "Failures of a module.", ["module"])
+
+
+def total(metric: MetricWrapperBase) -> float:
+    """The sum of a counter's ``_total`` samples over every label set."""
+    value = 0.0
+    for family in metric.collect():
+        for sample in family.samples:
+            if sample.name.endswith("_total"):
+                value += sample.value
+    return value
+
+
+def quantiles_from_samples(samples: Iterable[float], qs: Iterable[float]) -> list[float]:
+    """Empirical quantiles (nearest rank) of a finite sample; used by reports and benchmarks."""
+    data = sorted(samples)
+    if not data:
+        return [0.0 for _ in qs]
+    return [data[min(len(data) - 1, int(q * len(data)))] for q in qs]
+
+
+class LoopLagProbe:
+    """Measures event-loop lag: how much later than asked a short sleep wakes up."""
+
+    def __init__(self, interval_s: float = 0.25) -> None:
+        self.interval_s = interval_s
+        self.samples: list[float] = []
+        self._task: asyncio.Task[None] | None = None
+
+    def start(self) -> None:
+        """Start probing on the running loop."""
+        self._task = asyncio.get_running_loop().create_task(self._run(), name="loop-lag-probe")
+
+    async def stop(self) -> None:
+        """Stop probing (idempotent)."""
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+            self._task = None
+
+    async def _run(self) -> None:
+        while True:
+            start = time.perf_counter()
+            await asyncio.sleep(self.interval_s)
+            lag = max(0.0, time.perf_counter() - start - self.interval_s)
+            EVENT_LOOP_LAG.set(lag)
+            EVENT_LOOP_LAG_HIST.observe(lag)
+            if len(self.samples) < 1_000_000:
+                self.samples.append(lag)

@@ -1,0 +1,87 @@
+"""The tables of alphaengine and the migrations that create them.
+
+DDL rules (so that the Debian ClickHouse 18.16 server and current ClickHouse both accept it): ``DateTime``
+plus an integer nanosecond column rather than ``DateTime64``; no ``LowCardinality``, no codecs, no TTL
+(retention is the archiver's job); ``ReplacingMergeTree`` keyed by the natural idempotency key.
+"""
+
+from __future__ import annotations
+
+import pyarrow as pa
+
+from alphaengine.store.base import Column, Migration, TableSpec
+
+_TS = Column("ts", "DateTime('UTC')", pa.timestamp("s", tz="UTC"), derived_from_ns="ts_ns")
+_VENUE = Column("venue", "String", pa.string())
+_SYMBOL = Column("symbol", "String", pa.string())
+
+
+def _f64(name: str) -> Column:
+    return Column(name, "Float64", pa.float64())
+
+
+def _i64(name: str) -> Column:
+    return Column(name, "Int64", pa.int64())
+
+
+TICKS = TableSpec(
+    name="ticks",
+    columns=(
+        _TS,
+        _VENUE,
+        _SYMBOL,
+        _i64("trade_id"),
+        _i64("ts_ns"),
+        _i64("recv_ns"),
+        _f64("price"),
+        _f64("qty"),
+        Column("side", "Int8", pa.int8()),
+    ),
+    key=("venue", "symbol", "trade_id"),
+    doc="Every trade received, once per (venue, symbol, trade_id).",
+)
+
+BARS = TableSpec(
+    name="bars",
+    columns=(
+        _TS,
+        _VENUE,
+        _SYMBOL,
+        Column("interval_s", "Int32", pa.int32()),
+        _i64("ts_ns"),
+        _f64("open"),
+        _f64("high"),
+        _f64("low"),
+        _f64("close"),
+        _f64("volume"),
+        _f64("quote_volume"),
+        _f64("vwap"),
+        _i64("trade_count"),
+        _f64("buy_volume"),
+        _f64("sell_volume"),
+        _i64("first_trade_id"),
+        _i64("last_trade_id"),
+    ),
+    key=("venue", "symbol", "interval_s", "ts_ns"),
+    doc="Time bars built from ticks, once per (venue, symbol, interval_s, ts_ns).",
+)
+
+MIGRATIONS_TABLE = TableSpec(
+    name="schema_migrations",
+    columns=(
+        Column("version", "UInt32", pa.uint32()),
+        Column("name", "String", pa.string()),
+        Column("applied_ns", "Int64", pa.int64()),
+    ),
+    key=("version",),
+    partition_by=None,
+    doc="Which migrations have been applied to this database.",
+)
+
+MIGRATIONS: tuple[Migration, ...] = (Migration(1, "ticks and bars", tables=(TICKS, BARS)),)
+"""Every schema change in order; a store applies those whose version it has not recorded."""
+
+TABLES: dict[str, TableSpec] = {t.name: t for m in MIGRATIONS for t in m.tables} | {
+    MIGRATIONS_TABLE.name: MIGRATIONS_TABLE
+}
+"""Every table by name, as of the newest migration."""
