@@ -62,8 +62,7 @@ class SimClock:
 
     def advance_to(self, ts_ns: int) -> None:
         """Move time forward to ``ts_ns`` (never backwards) and wake every sleeper that is due."""
-        if ts_ns > self._now_ns:
-            self._now_ns = ts_ns
+        self._now_ns = max(self._now_ns, ts_ns)
         while self._sleepers and self._sleepers[0][0] <= self._now_ns:
             _, _, fut = heapq.heappop(self._sleepers)
             if not fut.done():

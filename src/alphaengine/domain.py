@@ -120,7 +120,7 @@ class TickBatch:
 
     def np(self, column: str) -> npt.NDArray[Any]:
         """A numeric column as a numpy array (zero-copy)."""
-        return self.data.column(column).to_numpy(zero_copy_only=False)
+        return np.asarray(self.data.column(column).to_numpy(zero_copy_only=False))
 
     def symbols(self) -> list[str]:
         """The distinct symbols in this batch, in order of first appearance."""
@@ -222,7 +222,7 @@ class Event(msgspec.Struct, frozen=True, kw_only=True, tag_field="type"):
     """Base of the low-rate events; encoded as JSON objects tagged by ``type``."""
 
 
-class Signal(Event, tag="signal"):
+class Signal(Event, frozen=True, tag="signal"):
     """A model ensemble's view on one symbol at one bar.
 
     ``score`` is the expected forward return over ``horizon_s`` (a fraction, 0.001 = 10 bps);
@@ -240,7 +240,7 @@ class Signal(Event, tag="signal"):
     model_versions: tuple[str, ...] = ()
 
 
-class OrderIntent(Event, tag="order_intent"):
+class OrderIntent(Event, frozen=True, tag="order_intent"):
     """What the strategy wants to do, before the risk engine has sized and checked it."""
 
     intent_id: str
@@ -254,7 +254,7 @@ class OrderIntent(Event, tag="order_intent"):
     signal_id: str | None = None
 
 
-class Order(Event, tag="order"):
+class Order(Event, frozen=True, tag="order"):
     """An order the risk engine let through, as sent to a broker."""
 
     order_id: str
@@ -269,7 +269,7 @@ class Order(Event, tag="order"):
     status: OrderStatus = OrderStatus.NEW
 
 
-class Fill(Event, tag="fill"):
+class Fill(Event, frozen=True, tag="fill"):
     """An execution; ``fill_id`` is deterministic so a replayed fill is recognised and applied once."""
 
     fill_id: str
@@ -284,7 +284,7 @@ class Fill(Event, tag="fill"):
     liquidity: Liquidity
 
 
-class Position(Event, tag="position"):
+class Position(Event, frozen=True, tag="position"):
     """Holdings in one symbol: signed quantity, average entry price, realised PnL and fees paid."""
 
     ts_ns: int

@@ -41,7 +41,9 @@ STORE_INSERT_SECONDS = Histogram(
 )
 CONSUMER_LAG = Gauge("alphaengine_consumer_lag_records", "Records not yet read, per consumer.", ["consumer"])
 BUS_BACKLOG = Gauge(
-    "alphaengine_bus_backlog_bytes", "Bytes held by the embedded bus not yet committed by all groups.", ["topic"]
+    "alphaengine_bus_backlog_bytes",
+    "Bytes held by the embedded bus not yet committed by all groups.",
+    ["topic"],
 )
 EVENT_LOOP_LAG = Gauge(
     "alphaengine_event_loop_lag_seconds", "How late the event loop ran the last lag probe."

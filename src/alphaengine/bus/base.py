@@ -139,9 +139,7 @@ class Bus(Protocol):
         """Wait until every record sent so far is acknowledged."""
         ...
 
-    def consumer(
-        self, group: str, topics: Sequence[str], *, auto_offset_reset: str = "earliest"
-    ) -> Consumer:
+    def consumer(self, group: str, topics: Sequence[str], *, auto_offset_reset: str = "earliest") -> Consumer:
         """A new member of ``group`` subscribed to ``topics`` (call :meth:`Consumer.start`)."""
         ...
 

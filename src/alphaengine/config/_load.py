@@ -62,7 +62,9 @@ def load(path: str | Path, resolver: ModuleConfigResolver | None = None) -> Load
     return loads(text, source=source, resolver=resolver)
 
 
-def loads(text: str, *, source: str = "<config>", resolver: ModuleConfigResolver | None = None) -> LoadedConfig:
+def loads(
+    text: str, *, source: str = "<config>", resolver: ModuleConfigResolver | None = None
+) -> LoadedConfig:
     """Validate configuration text (see :func:`load`)."""
     try:
         raw = tomllib.loads(text)
@@ -98,14 +100,16 @@ def _load_modules(
         type_name = section.get("type")
         enabled = section.get("enabled", True)
         if not isinstance(type_name, str) or not type_name:
-            problems.append(f"{path}.type: missing required value (a module type name or 'package.module:Class')")
+            problems.append(
+                f"{path}.type: missing required value (a module type name or 'package.module:Class')"
+            )
             continue
         if not isinstance(enabled, bool):
             problems.append(f"{path}.enabled: expected a boolean, got {type(enabled).__name__}")
             continue
         try:
             config_type = resolver(type_name)
-        except Exception as exc:  # noqa: BLE001  (any import failure is a config problem to report)
+        except Exception as exc:
             problems.append(f"{path}.type: cannot load module type {type_name!r}: {exc}")
             continue
         settings = {k: v for k, v in section.items() if k not in ("type", "enabled")}

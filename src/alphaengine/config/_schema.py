@@ -11,7 +11,7 @@ class Strict(msgspec.Struct, kw_only=True, frozen=True, forbid_unknown_fields=Tr
     """Base of every configuration section: frozen, keyword-only, unknown keys rejected."""
 
 
-class SupervisorConfig(Strict):
+class SupervisorConfig(Strict, frozen=True):
     """How crashed modules are restarted."""
 
     backoff_initial_s: float = 0.5
@@ -21,7 +21,7 @@ class SupervisorConfig(Strict):
     restart_window_s: float = 300.0
 
 
-class EngineConfig(Strict):
+class EngineConfig(Strict, frozen=True):
     """The engine process as a whole."""
 
     name: str = "alphaengine"
@@ -36,7 +36,7 @@ class EngineConfig(Strict):
 # -- bus ------------------------------------------------------------------------------------------
 
 
-class MemoryBusConfig(Strict, tag="memory", tag_field="kind"):
+class MemoryBusConfig(Strict, frozen=True, tag="memory", tag_field="kind"):
     """The in-memory bus: Kafka's semantics inside the process, nothing kept across restarts."""
 
     partitions: int = 4
@@ -44,7 +44,7 @@ class MemoryBusConfig(Strict, tag="memory", tag_field="kind"):
     """Producers wait while a partition holds more than this many bytes not yet committed by all groups."""
 
 
-class LocalBusConfig(Strict, tag="local", tag_field="kind"):
+class LocalBusConfig(Strict, frozen=True, tag="local", tag_field="kind"):
     """The embedded bus: in-memory semantics, records and offsets kept in a local log directory."""
 
     path: str
@@ -55,7 +55,7 @@ class LocalBusConfig(Strict, tag="local", tag_field="kind"):
     """fsync each write: survives a machine crash, not only a process crash, at a cost in throughput."""
 
 
-class KafkaBusConfig(Strict, tag="kafka", tag_field="kind"):
+class KafkaBusConfig(Strict, frozen=True, tag="kafka", tag_field="kind"):
     """Apache Kafka through aiokafka."""
 
     bootstrap_servers: str
@@ -79,18 +79,18 @@ BusConfig = MemoryBusConfig | LocalBusConfig | KafkaBusConfig
 # -- store ----------------------------------------------------------------------------------------
 
 
-class MemoryStoreConfig(Strict, tag="memory", tag_field="kind"):
+class MemoryStoreConfig(Strict, frozen=True, tag="memory", tag_field="kind"):
     """The in-memory store (tests)."""
 
 
-class ChdbStoreConfig(Strict, tag="chdb", tag_field="kind"):
+class ChdbStoreConfig(Strict, frozen=True, tag="chdb", tag_field="kind"):
     """chDB, embedded ClickHouse in a local directory (one process per directory)."""
 
     path: str
     database: str = "alphaengine"
 
 
-class ClickHouseStoreConfig(Strict, tag="clickhouse", tag_field="kind"):
+class ClickHouseStoreConfig(Strict, frozen=True, tag="clickhouse", tag_field="kind"):
     """A ClickHouse server over the native protocol."""
 
     host: str = "127.0.0.1"
@@ -108,17 +108,17 @@ StoreConfig = MemoryStoreConfig | ChdbStoreConfig | ClickHouseStoreConfig
 # -- object store ---------------------------------------------------------------------------------
 
 
-class MemoryObjectStoreConfig(Strict, tag="memory", tag_field="kind"):
+class MemoryObjectStoreConfig(Strict, frozen=True, tag="memory", tag_field="kind"):
     """The in-memory object store (tests)."""
 
 
-class LocalObjectStoreConfig(Strict, tag="local", tag_field="kind"):
+class LocalObjectStoreConfig(Strict, frozen=True, tag="local", tag_field="kind"):
     """Objects as files under a local directory."""
 
     path: str
 
 
-class S3ObjectStoreConfig(Strict, tag="s3", tag_field="kind"):
+class S3ObjectStoreConfig(Strict, frozen=True, tag="s3", tag_field="kind"):
     """Any S3-compatible endpoint."""
 
     bucket: str
@@ -137,7 +137,7 @@ ObjectStoreConfig = MemoryObjectStoreConfig | LocalObjectStoreConfig | S3ObjectS
 # -- operations -----------------------------------------------------------------------------------
 
 
-class MetricsConfig(Strict):
+class MetricsConfig(Strict, frozen=True):
     """The Prometheus endpoint."""
 
     port: int
@@ -146,14 +146,14 @@ class MetricsConfig(Strict):
     enabled: bool = True
 
 
-class AdminConfig(Strict):
+class AdminConfig(Strict, frozen=True):
     """The admin socket (a Unix socket speaking JSON lines)."""
 
     socket: str
     token: str | None = None
 
 
-class AppConfig(Strict):
+class AppConfig(Strict, frozen=True):
     """A whole configuration file. ``modules`` maps a module name to its section (see ModuleConfig)."""
 
     metrics: MetricsConfig

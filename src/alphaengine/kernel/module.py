@@ -8,14 +8,13 @@ State table (any other transition raises :class:`~alphaengine.errors.LifecycleEr
 
     INITIALIZED -> STARTING -> RUNNING <-> DEGRADED
     STARTING | RUNNING | DEGRADED -> STOPPING -> STOPPED
-    any state but STOPPED -> FAULTED           (a failure; the supervisor decides what next)
-    FAULTED -> STOPPING                        (cleanup after a failure)
+    any state but STOPPED -> FAULTED           (a failure; final for this instance: the supervisor
+                                               cleans it up with abort() and builds a new one)
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import enum
 import logging
 from collections.abc import Callable, Coroutine
@@ -52,7 +51,7 @@ _TRANSITIONS: dict[ModuleState, frozenset[ModuleState]] = {
     _S.DEGRADED: frozenset({_S.RUNNING, _S.STOPPING, _S.FAULTED}),
     _S.STOPPING: frozenset({_S.STOPPED, _S.FAULTED}),
     _S.STOPPED: frozenset(),
-    _S.FAULTED: frozenset({_S.STOPPING}),
+    _S.FAULTED: frozenset(),
 }
 
 
@@ -68,7 +67,7 @@ class Context:
     engine_name: str = "alphaengine"
 
 
-class ModuleSettings(Strict):
+class ModuleSettings(Strict, frozen=True):
     """Settings every module accepts (module config structs derive from this)."""
 
 
@@ -122,6 +121,11 @@ class Module(Generic[C]):
         self._detail = detail
         self._publish_state()
 
+    def _advance(self, expected: ModuleState, new: ModuleState) -> None:
+        """Move to ``new`` only if still in ``expected`` (a failure meanwhile has made it FAULTED)."""
+        if self._state is expected:
+            self._transition(new)
+
     def _publish_state(self) -> None:
         for state in ModuleState:
             MODULE_STATE.labels(self.name, state.value).set(1.0 if state is self._state else 0.0)
@@ -158,14 +162,17 @@ class Module(Generic[C]):
             self._fail(exc, notify=False)
             await self._cancel_tasks()
             raise
-        if self._state is ModuleState.STARTING:
-            self._transition(ModuleState.RUNNING)
+        self._advance(ModuleState.STARTING, ModuleState.RUNNING)
 
     async def stop(self) -> None:
         """Stop gracefully: ``on_stop`` drains and flushes, then every owned task is cancelled.
 
-        Idempotent; if cancelled (a stop deadline), the tasks are still cancelled and awaited.
+        Idempotent; if cancelled (a stop deadline), the tasks are still cancelled and awaited. A FAULTED
+        module is only cleaned up (see :meth:`abort`).
         """
+        if self._state is ModuleState.FAULTED:
+            await self.abort()
+            return
         if self._state in (ModuleState.STOPPED, ModuleState.STOPPING, ModuleState.INITIALIZED):
             return
         self._transition(ModuleState.STOPPING)
@@ -174,19 +181,19 @@ class Module(Generic[C]):
             await self.on_stop()
         finally:
             await self._cancel_tasks()
-            if self._state is ModuleState.STOPPING:
-                self._transition(ModuleState.STOPPED)
+            self._advance(ModuleState.STOPPING, ModuleState.STOPPED)
 
     async def abort(self) -> None:
-        """Stop at once without draining (after a failure); owned tasks are cancelled and awaited."""
+        """Release a failed module at once, without draining: owned tasks are cancelled and awaited.
+
+        The state stays FAULTED; what is not committed is read again by the replacement instance.
+        """
         self._stopping.set()
         await self._cancel_tasks()
-        with contextlib.suppress(Exception):
+        try:
             await self.on_abort()
-        if self._state in (ModuleState.FAULTED, ModuleState.RUNNING, ModuleState.DEGRADED, ModuleState.STARTING):
-            self._transition(ModuleState.STOPPING)
-        if self._state is ModuleState.STOPPING:
-            self._transition(ModuleState.STOPPED)
+        except Exception:
+            self.log.exception("cleanup after failure failed")
 
     # -- hooks ------------------------------------------------------------------------------------
 

@@ -21,7 +21,7 @@ from alphaengine.metrics import TICKS_RECEIVED
 TICKS_TOPIC = "ticks"
 
 
-class SourceSettings(ModuleSettings):
+class SourceSettings(ModuleSettings, frozen=True):
     """Settings every source accepts."""
 
     topic: str = TICKS_TOPIC

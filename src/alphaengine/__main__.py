@@ -1,0 +1,5 @@
+"""``python -m alphaengine`` runs the command line."""
+
+from alphaengine.cli import main
+
+main()
