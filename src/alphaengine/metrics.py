@@ -23,6 +23,11 @@ BARS_STORED = Counter("alphaengine_bars_stored_total", "Bars written to the stor
 LATE_TICKS = Counter(
     "alphaengine_late_ticks_total", "Trades older than their symbol's open bar (not in any bar).", ["symbol"]
 )
+DUPLICATE_TICKS = Counter(
+    "alphaengine_duplicate_ticks_total",
+    "Trades the bar builder had already folded (replays, overlaps, redeliveries) and left out.",
+    ["symbol"],
+)
 SOURCE_REJECTS = Counter(
     "alphaengine_source_rejects_total", "Input a source refused, by reason.", ["source", "reason"]
 )

@@ -95,6 +95,8 @@ class Engine:
         self.supervisor: Supervisor | None = None
         self.ready = asyncio.Event()
         """Set once every module has been started."""
+        self.loop_lag = metrics.LoopLagProbe()
+        """Event-loop lag samples of the last run (benchmarks report their quantiles)."""
 
     def request_stop(self, reason: str) -> None:
         """Ask for a graceful stop; a second request forces it."""
@@ -135,7 +137,7 @@ class Engine:
             admin = AdminServer(Path(app.admin.socket), self._admin_handlers(), app.admin.token)
             await admin.start()
             metrics_server = await self._start_metrics()
-            probe = metrics.LoopLagProbe()
+            probe = self.loop_lag
             probe.start()
             if handle_signals:
                 self._install_signal_handlers()

@@ -12,8 +12,11 @@ and rebuilds the open bars whole. A bar emitted between the last commit and a cr
 it is identical, and the ``bars`` table and consumers treat ``(venue, symbol, interval_s, ts_ns)`` as
 its idempotency key.
 
-Trades older than their symbol's open bar (out of order across records) are counted as late and left
-out of the bars (they are still stored as ticks).
+Trades are identified by their per-symbol, increasing trade id: one whose id is not above the last id
+folded for its symbol (a source replaying data, an overlap after a reconnect, a redelivered record) is
+counted as a duplicate and left out, so no bar counts a trade twice. Trades older than their symbol's
+open bar (out of order across records) are counted as late and left out of the bars. Both kinds are
+still stored as ticks.
 """
 
 from __future__ import annotations
@@ -28,12 +31,13 @@ import msgspec
 import numpy as np
 import numpy.typing as npt
 import orjson
+import pyarrow as pa
 
 from alphaengine.bus.base import Consumer, OffsetAndMetadata, Record, RecordMetadata, TopicPartition
 from alphaengine.codec import BARS_V1, SCHEMA_HEADER, decode_ticks, encode_bars
 from alphaengine.domain import BAR_SCHEMA, BarBatch, TickBatch
 from alphaengine.kernel.module import Context, ModuleSettings
-from alphaengine.metrics import BARS, LATE_TICKS
+from alphaengine.metrics import BARS, DUPLICATE_TICKS, LATE_TICKS
 from alphaengine.pipeline.consumer import ConsumerModule, ConsumerSettings
 
 _NS = 1_000_000_000
@@ -82,6 +86,7 @@ class BarBuilder(ConsumerModule[BarBuilderSettings]):
         self._next_offset: dict[TopicPartition, int] = {}
         self._pending: list[asyncio.Future[RecordMetadata]] = []
         self._smallest = min(config.intervals_s)
+        self._last_id: dict[str, int] = {}
 
     def topics(self) -> Sequence[str]:
         """The tick topic."""
@@ -108,8 +113,11 @@ class BarBuilder(ConsumerModule[BarBuilderSettings]):
             self._next_offset[record.tp] = record.offset + 1
             if batch is None or not len(batch):
                 continue
-            for symbol, part in batch.split_by_symbol():
+            for symbol, whole in batch.split_by_symbol():
                 self._symbol_tp[symbol] = record.tp
+                part = self._drop_seen(symbol, whole)
+                if part is None:
+                    continue
                 for interval in self.config.intervals_s:
                     closed[symbol].extend(self._fold(symbol, interval, part, record.offset))
         headers = ((SCHEMA_HEADER, BARS_V1),)
@@ -141,6 +149,20 @@ class BarBuilder(ConsumerModule[BarBuilderSettings]):
         for tp, offset in resume.items():
             offsets[tp] = OffsetAndMetadata(offset, orjson.dumps(state.get(tp, {})).decode())
         return offsets
+
+    def _drop_seen(self, symbol: str, batch: TickBatch) -> TickBatch | None:
+        """The trades not folded before (ids above every id seen for the symbol), or None if none is new."""
+        ids = batch.np("trade_id")
+        previous = np.maximum.accumulate(np.r_[self._last_id.get(symbol, np.iinfo(np.int64).min), ids[:-1]])
+        fresh = ids > previous
+        if not fresh.any():
+            DUPLICATE_TICKS.labels(symbol).inc(len(ids))
+            return None
+        self._last_id[symbol] = int(ids[fresh].max())
+        if fresh.all():
+            return batch
+        DUPLICATE_TICKS.labels(symbol).inc(int((~fresh).sum()))
+        return TickBatch(batch.data.filter(pa.array(fresh)))
 
     def _fold(self, symbol: str, interval: int, batch: TickBatch, offset: int) -> list[dict[str, Any]]:
         key = (symbol, interval)

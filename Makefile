@@ -1,0 +1,50 @@
+# Everyday commands. `make run` and `make test` work on a fresh machine with Python 3.11+.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: help venv run test test-all check lint typecheck fmt bench deploy-check clean
+
+help:
+	@echo "make run           run the engine on its embedded defaults (config/dev.toml)"
+	@echo "make test          install what the tests need and run them"
+	@echo "make check         ruff and mypy --strict"
+	@echo "make deploy-check  promtool and docker-compose validation of deploy/ and compose.yaml"
+	@echo "make bench         pipeline benchmark (synthetic -> embedded bus -> chDB, with bars)"
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet -e '.[dev]'
+	touch $(STAMP)
+
+venv: $(STAMP)
+
+run: $(STAMP)
+	$(BIN)/alphaengine run --config config/dev.toml
+
+test: $(STAMP)
+	$(BIN)/pytest -q
+
+check: lint typecheck
+
+lint: $(STAMP)
+	$(BIN)/ruff check src tests bench
+	$(BIN)/ruff format --check src tests bench
+
+typecheck: $(STAMP)
+	$(BIN)/mypy
+
+fmt: $(STAMP)
+	$(BIN)/ruff format src tests bench
+	$(BIN)/ruff check --fix src tests bench
+
+bench: $(STAMP)
+	$(BIN)/python bench/pipeline.py
+
+deploy-check:
+	bash scripts/check-deploy.sh
+
+clean:
+	rm -rf var .mypy_cache .ruff_cache .pytest_cache
