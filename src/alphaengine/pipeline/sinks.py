@@ -21,7 +21,7 @@ from alphaengine.codec import decode_bars, decode_ticks
 from alphaengine.domain import BarBatch, TickBatch
 from alphaengine.errors import AlphaEngineError
 from alphaengine.kernel.module import Context, ModuleSettings
-from alphaengine.metrics import BARS_STORED, STORE_INSERT_ERRORS, TICKS_STORED
+from alphaengine.metrics import BARS_STORED, TICKS_STORED
 from alphaengine.pipeline.consumer import ConsumerModule, ConsumerSettings
 
 
@@ -96,7 +96,6 @@ class TableSink(ConsumerModule[SinkSettings], Generic[B]):
             except AlphaEngineError as exc:
                 if not exc.retriable:
                     raise
-                STORE_INSERT_ERRORS.labels(self.table).inc()
                 delay = self._retry.next_delay()
                 self.set_degraded(f"insert into {self.table} failed, retrying in {delay:.1f} s: {exc}")
                 await asyncio.sleep(delay)
