@@ -4,11 +4,12 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: help venv run test test-all check lint typecheck fmt bench deploy-check clean
+.PHONY: help venv run test test-services services-up services-down services-clean check lint typecheck fmt bench deploy-check clean
 
 help:
 	@echo "make run           run the engine on its embedded defaults (config/dev.toml)"
 	@echo "make test          install what the tests need and run them"
+	@echo "make test-services start Kafka, ClickHouse, S3 and Prometheus (no Docker) and run the service tier"
 	@echo "make check         ruff and mypy --strict"
 	@echo "make deploy-check  promtool and docker-compose validation of deploy/ and compose.yaml"
 	@echo "make bench         pipeline benchmark (synthetic -> embedded bus -> chDB, with bars)"
@@ -16,7 +17,7 @@ help:
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet -e '.[dev]'
+	$(BIN)/pip install --quiet -e '.[dev,services]'
 	touch $(STAMP)
 
 venv: $(STAMP)
@@ -26,6 +27,20 @@ run: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/pytest -q
+
+test-services: $(STAMP)
+	bash scripts/services/all.sh start >/dev/null
+	$(BIN)/pytest -q tests/services; rc=$$?; \
+	  [ -n "$(KEEP_SERVICES)" ] || bash scripts/services/all.sh clean; exit $$rc
+
+services-up: $(STAMP)
+	bash scripts/services/all.sh start
+
+services-down:
+	bash scripts/services/all.sh stop
+
+services-clean:
+	bash scripts/services/all.sh clean
 
 check: lint typecheck
 

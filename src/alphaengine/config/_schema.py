@@ -30,6 +30,8 @@ class EngineConfig(Strict, frozen=True):
     stop_deadline_s: float = 15.0
     """Graceful stop (drain, flush, commit) must finish within this many seconds."""
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    report_interval_s: float = 10.0
+    """Log a progress line (ticks received and stored, bars, rates) this often; 0 turns it off."""
     supervisor: SupervisorConfig = SupervisorConfig()
 
 

@@ -139,6 +139,7 @@ class Engine:
             metrics_server = await self._start_metrics()
             probe = self.loop_lag
             probe.start()
+            reporter = asyncio.ensure_future(self._report(app.engine.report_interval_s))
             if handle_signals:
                 self._install_signal_handlers()
             try:
@@ -150,6 +151,7 @@ class Engine:
             finally:
                 if handle_signals:
                     self._remove_signal_handlers()
+                reporter.cancel()
                 await probe.stop()
                 if metrics_server is not None:
                     await metrics_server.close()
@@ -179,6 +181,27 @@ class Engine:
                 waiter.cancel()
         if not self._stop.is_set():
             self.request_stop(waiters[next(iter(done))])
+
+    async def _report(self, interval_s: float) -> None:
+        """Log progress periodically, so an operator sees ticks flowing."""
+        if interval_s <= 0:
+            return
+        counters = (metrics.TICKS_RECEIVED, metrics.TICKS_STORED, metrics.BARS)
+        last = [metrics.total(c) for c in counters]
+        while True:
+            await asyncio.sleep(interval_s)
+            now = [metrics.total(c) for c in counters]
+            rates = [(n - p) / interval_s for n, p in zip(now, last, strict=True)]
+            last = now
+            log.info(
+                "ticks received %d (%.0f/s), stored %d (%.0f/s), bars %d; event-loop lag %.1f ms",
+                now[0],
+                rates[0],
+                now[1],
+                rates[1],
+                now[2],
+                (self.loop_lag.samples[-1] if self.loop_lag.samples else 0.0) * 1e3,
+            )
 
     async def _sources_finished(self) -> None:
         assert self.supervisor is not None
