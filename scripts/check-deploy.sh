@@ -1,0 +1,61 @@
+#!/usr/bin/env bash
+# Validates the deployment files without a Docker engine (`make deploy-check`, CI):
+#   - Prometheus: configuration, alert rules, and the rules' unit tests (promtool);
+#   - compose.yaml, with the placeholder secrets of .env.example (docker-compose config);
+#   - every Grafana dashboard is valid JSON.
+# Installs promtool (Debian's `prometheus` package) and docker-compose when they are missing; exits
+# non-zero on the first failure. Safe to run any number of times.
+set -euo pipefail
+
+cd "$(dirname "$0")/.."
+
+PYTHON="${PYTHON:-python3}"
+
+missing=()
+command -v promtool >/dev/null 2>&1 || missing+=(prometheus)
+command -v docker-compose >/dev/null 2>&1 || missing+=(docker-compose)
+if ((${#missing[@]})); then
+    sudo=()
+    if [[ $(id -u) -ne 0 ]]; then
+        sudo=(sudo)
+    fi
+    echo "check-deploy: installing ${missing[*]} (apt)"
+    # Quiet when it works, the whole apt output when it does not.
+    if ! log=$("${sudo[@]}" apt-get update -qq 2>&1 &&
+        DEBIAN_FRONTEND=noninteractive "${sudo[@]}" apt-get install -y -qq "${missing[@]}" 2>&1); then
+        echo "$log" >&2
+        exit 1
+    fi
+fi
+
+echo "== promtool check config"
+promtool check config deploy/prometheus/prometheus.yml
+
+echo "== promtool check rules"
+promtool check rules deploy/prometheus/rules/*.yml
+
+echo "== promtool test rules"
+promtool test rules deploy/prometheus/tests/*.yml
+
+echo "== docker-compose config"
+env_file=$(mktemp)
+trap 'rm -f "$env_file"' EXIT
+cp .env.example "$env_file"
+# A clean environment, so that neither a developer's .env nor exported variables decide the result.
+env -i PATH="$PATH" HOME="${HOME:-/tmp}" \
+    docker-compose --env-file "$env_file" -f compose.yaml config -q
+echo "compose.yaml: valid"
+
+echo "== Grafana dashboards"
+shopt -s nullglob
+dashboards=(deploy/grafana/dashboards/*.json)
+if ((${#dashboards[@]} == 0)); then
+    echo "no dashboard in deploy/grafana/dashboards" >&2
+    exit 1
+fi
+for dashboard in "${dashboards[@]}"; do
+    "$PYTHON" -m json.tool "$dashboard" >/dev/null
+    echo "$dashboard: valid JSON"
+done
+
+echo "check-deploy: all checks passed"
