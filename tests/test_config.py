@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from alphaengine.config import ChdbStoreConfig, LocalBusConfig, MemoryBusConfig, load, loads
+from alphaengine.config import ChdbStoreConfig, KafkaBusConfig, LocalBusConfig, MemoryBusConfig, load, loads
 from alphaengine.errors import ConfigError
 from alphaengine.pipeline.bar_builder import BarBuilderSettings
 
@@ -39,7 +39,7 @@ def test_shipped_configs_are_valid(monkeypatch: pytest.MonkeyPatch) -> None:
     for name in ("CLICKHOUSE_PASSWORD", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):
         monkeypatch.setenv(name, "secret")
     prod = load(REPO / "config" / "prod.toml")
-    assert prod.app.bus.kind == "kafka"  # type: ignore[union-attr]
+    assert isinstance(prod.app.bus, KafkaBusConfig)
     assert prod.app.metrics.port == 9464
     assert prod.app.admin.socket
 

@@ -176,7 +176,9 @@ def _empty(schema: pa.Schema) -> pa.RecordBatch:
 
 def _string_column(value: str | Sequence[str] | pa.Array, n: int) -> pa.Array:
     if isinstance(value, str):
-        return pa.array([value] * n, type=pa.string()) if n else pa.array([], type=pa.string())
+        # A one-entry dictionary cast to plain strings fills the column in C, not through a list of n.
+        indices = pa.array(np.zeros(n, dtype=np.int32))
+        return pa.DictionaryArray.from_arrays(indices, pa.array([value], pa.string())).cast(pa.string())
     if isinstance(value, pa.Array):
         return value.cast(pa.string())
     return pa.array(list(value), type=pa.string())

@@ -48,6 +48,24 @@ class TickSource(Module[S]):
         """Yield tick batches until :attr:`stopping` is set or the data ends."""
         raise NotImplementedError
 
+    async def sleep_until(self, deadline_ns: int) -> None:
+        """Sleep until the clock reaches ``deadline_ns``; return early once a stop is requested."""
+        if self.stopping.is_set():
+            return
+        sleeper = asyncio.ensure_future(self._sleep_until(deadline_ns))
+        stopper = asyncio.ensure_future(self.stopping.wait())
+        try:
+            await asyncio.wait((sleeper, stopper), return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            sleeper.cancel()
+            stopper.cancel()
+
+    async def _sleep_until(self, deadline_ns: int) -> None:
+        # The duration is taken when the sleep begins, not when it was asked for: a simulated clock moved
+        # in between must not push the wake-up past the deadline.
+        clock = self.ctx.clock
+        await clock.sleep(max(0, deadline_ns - clock.now_ns()) / 1e9)
+
     async def on_start(self) -> None:
         """Create the topic and start pumping."""
         await self.ctx.bus.create_topic(self.config.topic)
