@@ -85,6 +85,25 @@ def summary_ticks(stdout: str) -> int:
     return int(line.split()[2].rstrip(","))
 
 
+def start_engine(config: Path) -> subprocess.Popen[str]:
+    """Start `alphaengine run` in the background and return once its health check passes."""
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "alphaengine", "run", "--config", str(config)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    deadline = time.monotonic() + 60
+    while cli("admin", "--config", str(config), "health").returncode != 0:
+        if proc.poll() is not None:
+            pytest.fail(f"engine exited early: {proc.communicate()[1]}")
+        if time.monotonic() > deadline:
+            proc.kill()
+            pytest.fail("engine did not become healthy within 60 s")
+        time.sleep(0.2)
+    return proc
+
+
 def stored_ticks(config: Path) -> pl.DataFrame:
     return query(config, "SELECT venue, symbol, trade_id, ts_ns, price, qty, side FROM ticks FINAL")
 
@@ -123,18 +142,8 @@ def test_run_with_duration_stores_every_tick_once_and_restart_adds_without_dupli
 def test_running_engine_serves_admin_metrics_and_queries_then_stops_on_sigint(tmp_path: Path) -> None:
     port = free_port()
     config = write_config(tmp_path, SYNTHETIC, metrics_port=port)
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "alphaengine", "run", "--config", str(config)],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
+    proc = start_engine(config)
     try:
-        deadline = time.monotonic() + 60
-        while cli("admin", "--config", str(config), "health").returncode != 0:
-            assert proc.poll() is None, proc.communicate()[1]
-            assert time.monotonic() < deadline, "engine did not become healthy"
-            time.sleep(0.2)
         status = cli("admin", "--config", str(config), "status")
         assert status.returncode == 0
         assert "tick_sink" in status.stdout
@@ -190,18 +199,8 @@ def test_sigkill_mid_replay_then_restart_stores_every_trade_exactly_once(tmp_pat
         real_file("binance-spot-ws/btcusdt_20240809.gz"),
     )
     config = write_config(tmp_path, replay_source(*files, speed="30.0"))
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "alphaengine", "run", "--config", str(config)],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
+    proc = start_engine(config)
     try:
-        deadline = time.monotonic() + 60
-        while cli("admin", "--config", str(config), "health").returncode != 0:
-            assert proc.poll() is None, proc.communicate()[1]
-            assert time.monotonic() < deadline
-            time.sleep(0.2)
         time.sleep(3)
     finally:
         os.kill(proc.pid, signal.SIGKILL)

@@ -9,13 +9,15 @@ same key leaves one row once merged, and queries that must see unique rows use `
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping
+import time
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Protocol, runtime_checkable
 
 import pyarrow as pa
 
 from alphaengine.errors import StoreError
+from alphaengine.metrics import STORE_INSERT_ERRORS, STORE_INSERT_SECONDS, STORE_INSERTS
 
 DAY_PARTITION = "toYYYYMMDD(ts)"
 """The partition expression of day-partitioned tables; their partitions are named ``YYYYMMDD``."""
@@ -187,3 +189,29 @@ class Store(Protocol):
     async def partitions(self, table: str) -> dict[str, int]:
         """Active partitions of a table with their row counts (before de-duplication)."""
         ...
+
+
+async def counted_insert(
+    tables: Mapping[str, TableSpec],
+    table: str,
+    rows: pa.Table,
+    write: Callable[[TableSpec, pa.Table], Awaitable[None]],
+) -> int:
+    """Validate ``rows`` for ``table`` and hand them to ``write``, counting statements, errors and time.
+
+    Shared by every store so their insert metrics mean the same; returns the number of rows written.
+    """
+    spec = find_table(tables, table)
+    started = time.perf_counter()
+    try:
+        conformed = spec.conform(rows)
+        if conformed.num_rows == 0:
+            return 0
+        STORE_INSERTS.labels(table).inc()
+        await write(spec, conformed)
+    except StoreError:
+        STORE_INSERT_ERRORS.labels(table).inc()
+        raise
+    STORE_INSERT_SECONDS.labels(table).observe(time.perf_counter() - started)
+    written: int = conformed.num_rows
+    return written

@@ -22,8 +22,7 @@ import pyarrow as pa
 from chdb import session as chdb_session
 
 from alphaengine.errors import ConfigError, StoreError, StoreLockedError
-from alphaengine.metrics import STORE_INSERT_ERRORS, STORE_INSERT_SECONDS, STORE_INSERTS
-from alphaengine.store.base import TableSpec, find_table
+from alphaengine.store.base import TableSpec, counted_insert, find_table
 from alphaengine.store.schema import MIGRATIONS, MIGRATIONS_TABLE, TABLES
 
 log = logging.getLogger(__name__)
@@ -99,20 +98,10 @@ class ChdbStore:
 
     async def insert(self, table: str, rows: pa.Table) -> int:
         """Validate ``rows`` and insert them in one statement; returns the number of rows sent."""
-        spec = find_table(TABLES, table)
-        started = time.perf_counter()
-        try:
-            conformed = spec.conform(rows)
-            if conformed.num_rows == 0:
-                return 0
-            STORE_INSERTS.labels(table).inc()
-            await self._run(self._insert, spec, conformed)
-        except StoreError:
-            STORE_INSERT_ERRORS.labels(table).inc()
-            raise
-        STORE_INSERT_SECONDS.labels(table).observe(time.perf_counter() - started)
-        sent: int = conformed.num_rows
-        return sent
+        return await counted_insert(TABLES, table, rows, self._insert_async)
+
+    async def _insert_async(self, spec: TableSpec, rows: pa.Table) -> None:
+        await self._run(self._insert, spec, rows)
 
     async def query(self, sql: str) -> pa.Table:
         """Run a ClickHouse-dialect query; ``DateTime`` columns come back as ``timestamp[s, tz]``."""

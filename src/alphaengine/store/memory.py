@@ -16,8 +16,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from alphaengine.errors import StoreError
-from alphaengine.metrics import STORE_INSERT_ERRORS, STORE_INSERT_SECONDS, STORE_INSERTS
-from alphaengine.store.base import StoreRequestError, TableSpec, find_table
+from alphaengine.store.base import StoreRequestError, TableSpec, counted_insert, find_table
 from alphaengine.store.schema import MIGRATIONS, MIGRATIONS_TABLE, TABLES
 
 _NS_PER_S = 1_000_000_000
@@ -107,20 +106,10 @@ class MemoryStore:
 
     async def insert(self, table: str, rows: pa.Table) -> int:
         """Validate ``rows``, add derived columns and replace rows with the same key; returns len(rows)."""
-        spec = find_table(TABLES, table)
-        started = time.perf_counter()
-        try:
-            conformed = spec.conform(rows)
-            if conformed.num_rows == 0:
-                return 0
-            STORE_INSERTS.labels(table).inc()
-            self._put(spec, conformed)
-        except StoreError:
-            STORE_INSERT_ERRORS.labels(table).inc()
-            raise
-        STORE_INSERT_SECONDS.labels(table).observe(time.perf_counter() - started)
-        inserted: int = conformed.num_rows
-        return inserted
+        return await counted_insert(TABLES, table, rows, self._put_async)
+
+    async def _put_async(self, spec: TableSpec, rows: pa.Table) -> None:
+        self._put(spec, rows)
 
     async def query(self, sql: str) -> pa.Table:
         """Run a simple ClickHouse-dialect SELECT through polars SQL (``FINAL`` is implied)."""
