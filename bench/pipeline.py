@@ -31,7 +31,7 @@ def config_text(root: Path, rate: int, bus: str) -> str:
 name = "bench"
 data_dir = "{root}"
 stop_deadline_s = 120
-log_level = "WARNING"
+log_level = "INFO"
 [bus]
 {bus_section}
 [store]
@@ -101,7 +101,7 @@ def main() -> int:
     parser.add_argument("--seconds", type=float, default=60.0)
     parser.add_argument("--bus", choices=["memory", "local"], default="memory")
     args = parser.parse_args()
-    logging.basicConfig(level=logging.WARNING)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
         return runner.run(bench(args.rate, args.seconds, args.bus))
 

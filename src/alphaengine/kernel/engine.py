@@ -215,7 +215,9 @@ class Engine:
 
     async def _graceful_stop(self, deadline_s: float) -> bool:
         assert self.supervisor is not None
-        stopping = asyncio.ensure_future(self.supervisor.stop_all())
+        # Draining ends well before the deadline, leaving time to flush and commit what was read.
+        drain_until = time.monotonic() + 0.6 * deadline_s
+        stopping = asyncio.ensure_future(self.supervisor.stop_all(drain_until))
         forced = asyncio.ensure_future(self._force.wait())
         done, _ = await asyncio.wait(
             {stopping, forced}, timeout=deadline_s, return_when=asyncio.FIRST_COMPLETED

@@ -94,6 +94,8 @@ class Module(Generic[C]):
         self._stopping = asyncio.Event()
         self._on_failure: FailureCallback | None = None
         self.failure: BaseException | None = None
+        self.drain_until: float | None = None
+        """When draining must end during a graceful stop (monotonic time; None: drain everything)."""
         self._publish_state()
 
     # -- state ------------------------------------------------------------------------------------
@@ -164,12 +166,15 @@ class Module(Generic[C]):
             raise
         self._advance(ModuleState.STARTING, ModuleState.RUNNING)
 
-    async def stop(self) -> None:
+    async def stop(self, drain_until: float | None = None) -> None:
         """Stop gracefully: ``on_stop`` drains and flushes, then every owned task is cancelled.
 
-        Idempotent; if cancelled (a stop deadline), the tasks are still cancelled and awaited. A FAULTED
-        module is only cleaned up (see :meth:`abort`).
+        ``drain_until`` (a ``time.monotonic()`` value) bounds the draining: past it a module flushes what
+        it holds and stops, leaving the rest in the durable log for the next start. Idempotent; if
+        cancelled (a stop deadline), the tasks are still cancelled and awaited. A FAULTED module is only
+        cleaned up (see :meth:`abort`).
         """
+        self.drain_until = drain_until
         if self._state is ModuleState.FAULTED:
             await self.abort()
             return

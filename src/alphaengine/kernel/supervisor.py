@@ -80,8 +80,11 @@ class Supervisor:
             except Exception as exc:
                 self._record_failure(slot, exc)
 
-    async def stop_all(self) -> None:
-        """Stop sources first, then the other modules in configuration order (upstream to downstream)."""
+    async def stop_all(self, drain_until: float | None = None) -> None:
+        """Stop sources first, then the other modules in configuration order (upstream to downstream).
+
+        ``drain_until`` (monotonic time) bounds how long consumers drain (see :meth:`Module.stop`).
+        """
         self._stopping = True
         for slot in self.slots.values():
             if slot.restart_task is not None:
@@ -89,7 +92,7 @@ class Supervisor:
         ordered = sorted(self.slots.values(), key=lambda s: s.instance.role != "source")
         for slot in ordered:
             try:
-                await slot.instance.stop()
+                await slot.instance.stop(drain_until)
             except Exception:
                 log.exception("module %s failed while stopping", slot.name)
 

@@ -4,8 +4,8 @@ Delivery is at least once: a subclass handles polled records, and offsets are co
 effect is durable (rows inserted, records acknowledged). Undecodable records never stop the loop: they
 go to the dead-letter topic ``<topic>.dlq`` with a ``reason`` header and are counted.
 
-On a graceful stop the loop drains: it reads until its partitions have no lag left, then flushes and
-commits, so a restart resumes exactly where this run ended.
+On a graceful stop the loop drains: it reads until its partitions have no lag left (or the engine's
+drain time is up), then flushes and commits, so a restart resumes exactly where this run ended.
 """
 
 from __future__ import annotations
@@ -113,10 +113,18 @@ class ConsumerModule(Module[S]):
             if now - lag_check >= 1.0:
                 CONSUMER_LAG.labels(self.name).set(await self.consumer.lag())
                 lag_check = now
-            if self.stopping.is_set() and not records and await self.consumer.lag() == 0:
+            if self.stopping.is_set() and (
+                self._drain_over() or (not records and await self.consumer.lag() == 0)
+            ):
                 break
         await self._flush_and_commit()
         CONSUMER_LAG.labels(self.name).set(0)
+
+    def _drain_over(self) -> bool:
+        if self.drain_until is None or time.monotonic() < self.drain_until:
+            return False
+        self.log.warning("stop deadline near: leaving the rest of the backlog in the log for the next start")
+        return True
 
     async def _flush_and_commit(self) -> None:
         offsets = await self.flush()
