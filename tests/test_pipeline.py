@@ -160,3 +160,25 @@ async def test_undecodable_records_go_to_the_dead_letter_topic(ctx: Context, gar
     assert records[0].value == garbage
     assert b"Arrow" in headers["reason"] or b"arrow" in headers["reason"].lower()
     assert headers["consumer"] == b"tick_sink"
+
+
+async def test_open_minute_bars_do_not_hold_back_a_full_embedded_bus(tmp_path: Any) -> None:
+    """The bar builder must commit its true position: with a small backlog limit and one-minute bars,
+    the producer would otherwise wait for a commit that waits for the trade closing the bar."""
+    from alphaengine.bus.memory import MemoryBus
+    from alphaengine.clock import LiveClock
+    from alphaengine.objectstore.memory import MemoryObjectStore
+    from alphaengine.store.memory import MemoryStore
+
+    bus = MemoryBus(max_backlog_bytes=64 * 1024)
+    await bus.start()
+    ctx = Context(bus, MemoryStore(), MemoryObjectStore(), LiveClock(), tmp_path)
+    await ctx.store.start()
+    builder = BarBuilder("bar_builder", BarBuilderSettings(intervals_s=(60,), flush_interval_s=0.05), ctx)
+    await builder.start()
+    ticks = make_ticks("AAAUSDT", 20_000, 1, T0, 8)  # about 15 minutes of trades, far over 64 KiB
+    async with asyncio.timeout(30):
+        await publish(ctx, [ticks], chunk=200)
+    await drained(ctx, builder, "ticks")
+    await builder.stop()
+    await bus.close()
