@@ -76,23 +76,38 @@ cmd_start() {
         rm -f "$ALL_ENV"
         die "could not start: ${FAILED[*]} (messages above; the others keep running: '$0 stop' stops them)"
     fi
-    local tmp="$ALL_ENV.tmp.$$" svc
-    {
-        echo "# written by scripts/services/all.sh start on $(date -Is)"
-        echo "export ALPHAENGINE_SERVICES_ENV=$ALL_ENV"
-        echo "export ALPHAENGINE_SERVICES_STATE_DIR=$STATE_DIR"
-        for svc in $SERVICES; do
-            cat "$STATE_DIR/$svc.env"
-        done
-    } >"$tmp"
-    mv -f "$tmp" "$ALL_ENV"
+    write_all_env
     log "all up in $(elapsed "$t0")s: $SERVICES; env in $ALL_ENV"
     cat "$ALL_ENV"
 }
 
+# write_all_env: the combined env file lists every service that is running now, whichever `SERVICES`
+# started it, so starting or stopping some services never hides the others from the tests.
+write_all_env() {
+    local tmp="$ALL_ENV.tmp.$$" svc running=()
+    for svc in kafka clickhouse s3 prometheus; do
+        if [[ -f "$STATE_DIR/$svc.env" ]] && "$SERVICES_DIR/$svc.sh" status >/dev/null 2>&1; then
+            running+=("$svc")
+        fi
+    done
+    if ((${#running[@]} == 0)); then
+        rm -f "$ALL_ENV"
+        return
+    fi
+    {
+        echo "# written by scripts/services/all.sh on $(date -Is): ${running[*]}"
+        echo "export ALPHAENGINE_SERVICES_ENV=$ALL_ENV"
+        echo "export ALPHAENGINE_SERVICES_STATE_DIR=$STATE_DIR"
+        for svc in "${running[@]}"; do
+            cat "$STATE_DIR/$svc.env"
+        done
+    } >"$tmp"
+    mv -f "$tmp" "$ALL_ENV"
+}
+
 cmd_stop() {
-    rm -f "$ALL_ENV"
     run_all "$1"
+    write_all_env
     ((${#FAILED[@]} == 0)) || die "could not $1: ${FAILED[*]}"
 }
 
@@ -127,7 +142,7 @@ env)
     cat >&2 <<EOF
 usage: $0 {start|stop|restart|status|env|clean}
   start    start every service (parallel, idempotent); print and write $ALL_ENV
-  stop     stop every service, keep data and ports; remove $ALL_ENV
+  stop     stop every service, keep data and ports; $ALL_ENV then lists only those still running
   restart  stop, then start
   status   each service's state; exit 1 if one is not answering
   env      print $ALL_ENV
