@@ -182,3 +182,44 @@ async def test_open_minute_bars_do_not_hold_back_a_full_embedded_bus(tmp_path: A
     await drained(ctx, builder, "ticks")
     await builder.stop()
     await bus.close()
+
+
+class FailingStore:
+    """A store whose first ``failures`` inserts fail as a ClickHouse outage would (retriable)."""
+
+    def __init__(self, inner: Any, failures: int) -> None:
+        self.inner = inner
+        self.failures = failures
+        self.attempts = 0
+
+    async def insert(self, table: str, rows: Any) -> int:
+        self.attempts += 1
+        if self.attempts <= self.failures:
+            from alphaengine.errors import StoreError
+
+            raise StoreError("connection refused")
+        return int(await self.inner.insert(table, rows))
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.inner, name)
+
+
+async def test_sink_backs_off_while_the_store_fails_and_commits_only_after_the_insert(ctx: Context) -> None:
+    store = FailingStore(ctx.store, failures=3)
+    flaky = Context(ctx.bus, store, ctx.objects, ctx.clock, ctx.data_dir)  # type: ignore[arg-type]
+    sink = TickSink("tick_sink", SinkSettings(retry_initial_s=0.05, retry_max_s=0.1), flaky)
+    await sink.start()
+    await publish(ctx, [make_ticks("FAILUSDT", 500, 1, T0, 9)])
+    async with asyncio.timeout(10):
+        while store.attempts < 2:
+            await asyncio.sleep(0.01)
+    assert sink.state.value == "DEGRADED"
+    assert "connection refused" in sink.detail
+    for partition in range(await ctx.bus.partitions("ticks")):
+        assert await sink.consumer.committed(TopicPartition("ticks", partition)) is None
+    await drained(ctx, sink, "ticks")
+    assert sink.state.value == "RUNNING"
+    await sink.stop()
+    n = pl.from_arrow(await ctx.store.query("SELECT count() AS n FROM ticks FINAL"))["n"][0]  # type: ignore[index]
+    assert n == 500
+    assert store.attempts == 4

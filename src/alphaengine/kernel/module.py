@@ -133,15 +133,12 @@ class Module(Generic[C]):
             MODULE_STATE.labels(self.name, state.value).set(1.0 if state is self._state else 0.0)
 
     def set_degraded(self, reason: str) -> None:
-        """Mark the module DEGRADED (working, but impaired) with a reason."""
-        if self._state is ModuleState.RUNNING or (
-            self._state is ModuleState.DEGRADED and reason != self._detail
-        ):
-            if self._state is ModuleState.RUNNING:
-                self.log.warning("degraded: %s", reason)
-                self._transition(ModuleState.DEGRADED, reason)
-            else:
-                self._detail = reason
+        """Mark the module DEGRADED (working, but impaired) with a reason; a new reason replaces the old."""
+        if self._state is ModuleState.RUNNING:
+            self.log.warning("degraded: %s", reason)
+            self._transition(ModuleState.DEGRADED, reason)
+        elif self._state is ModuleState.DEGRADED:
+            self._detail = reason
 
     def set_healthy(self) -> None:
         """Return from DEGRADED to RUNNING."""
