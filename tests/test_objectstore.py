@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from alphaengine.config import LocalObjectStoreConfig, MemoryObjectStoreConfig, S3ObjectStoreConfig
-from alphaengine.errors import ConfigError, ObjectStoreError
+from alphaengine.config import LocalObjectStoreConfig, MemoryObjectStoreConfig
+from alphaengine.errors import ObjectStoreError
 from alphaengine.objectstore import LocalObjectStore, MemoryObjectStore, ObjectStore, build_objectstore
 from tests.contracts.objectstore import ObjectStoreContract
 
@@ -88,6 +88,3 @@ def test_build_objectstore_builds_memory_and_local(tmp_path: Path) -> None:
     assert local.root == tmp_path
 
 
-def test_build_objectstore_refuses_s3_for_now() -> None:
-    with pytest.raises(ConfigError, match="not available yet"):
-        build_objectstore(S3ObjectStoreConfig(bucket="archive"))

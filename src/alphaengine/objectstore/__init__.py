@@ -1,14 +1,21 @@
 """The ObjectStore port (named blobs for archives and model artifacts) and its implementations.
 
 ``build_objectstore(config)`` turns the ``[objectstore]`` section into a store: ``memory``
-(:class:`MemoryObjectStore`) or ``local`` (:class:`LocalObjectStore`, the embedded default).
+(:class:`MemoryObjectStore`), ``local`` (:class:`LocalObjectStore`, the embedded default) or ``s3``
+(:class:`S3ObjectStore`, any S3-compatible endpoint).
 """
 
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
 from alphaengine.config import LocalObjectStoreConfig, MemoryObjectStoreConfig, ObjectStoreConfig
-from alphaengine.errors import ConfigError
 from alphaengine.objectstore.base import MAX_KEY_BYTES, InvalidKeyError, ObjectInfo, ObjectStore, check_key
 from alphaengine.objectstore.local import LocalObjectStore
 from alphaengine.objectstore.memory import MemoryObjectStore
+
+if TYPE_CHECKING:
+    from alphaengine.objectstore.s3 import S3ObjectStore, S3RequestError
 
 __all__ = [
     "MAX_KEY_BYTES",
@@ -17,9 +24,22 @@ __all__ = [
     "MemoryObjectStore",
     "ObjectInfo",
     "ObjectStore",
+    "S3ObjectStore",
+    "S3RequestError",
     "build_objectstore",
     "check_key",
 ]
+
+_S3_NAMES = frozenset({"S3ObjectStore", "S3RequestError"})
+
+
+def __getattr__(name: str) -> object:
+    # aiobotocore takes about 0.3 s to import: only a process that uses S3 pays for it.
+    if name in _S3_NAMES:
+        from alphaengine.objectstore import s3  # noqa: PLC0415  (imports aiobotocore)
+
+        return getattr(s3, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def build_objectstore(config: ObjectStoreConfig) -> ObjectStore:
@@ -28,9 +48,6 @@ def build_objectstore(config: ObjectStoreConfig) -> ObjectStore:
         return MemoryObjectStore()
     if isinstance(config, LocalObjectStoreConfig):
         return LocalObjectStore(config.path)
-    raise ConfigError(
-        [
-            "objectstore.kind: 's3' (the S3 object store) is not available yet; it comes in a later "
-            "issue. Use kind = 'local' or 'memory'."
-        ]
-    )
+    from alphaengine.objectstore.s3 import S3ObjectStore  # noqa: PLC0415  (imports aiobotocore)
+
+    return S3ObjectStore(config)
