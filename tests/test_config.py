@@ -35,7 +35,7 @@ def test_shipped_configs_are_valid(monkeypatch: pytest.MonkeyPatch) -> None:
     dev = load(REPO / "config" / "dev.toml")
     assert isinstance(dev.app.bus, LocalBusConfig)
     assert isinstance(dev.app.store, ChdbStoreConfig)
-    assert [m.name for m in dev.modules] == ["source", "tick_sink", "bar_builder", "bar_sink"]
+    assert [m.name for m in dev.modules] == ["source", "tick_sink", "bar_builder", "bar_sink", "archiver"]
     for name in ("CLICKHOUSE_PASSWORD", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):
         monkeypatch.setenv(name, "secret")
     prod = load(REPO / "config" / "prod.toml")

@@ -81,7 +81,12 @@ class TestChdbStore(StoreContract):
     async def test_statements_other_than_select_still_answer(self, store: Store) -> None:
         result = await store.query("SHOW TABLES")
 
-        assert sorted(result.column(0).to_pylist()) == ["bars", "schema_migrations", "ticks"]
+        assert sorted(result.column(0).to_pylist()) == [
+            "archive_manifest",
+            "bars",
+            "schema_migrations",
+            "ticks",
+        ]
 
     async def test_counts_inserts_and_their_duration(self, store: Store) -> None:
         inserts = _inserts("ticks")
@@ -102,7 +107,7 @@ async def test_chdb_reopened_keeps_data_and_does_not_reapply_migrations(tmp_path
     first = ChdbStore(tmp_path)
     await first.start()
     await first.insert("ticks", tick_rows([1, 2, 3]))
-    applied = await first.query("SELECT version, name, applied_ns FROM schema_migrations")
+    applied = await first.query("SELECT version, name, applied_ns FROM schema_migrations ORDER BY version")
     await first.close()
     await first.close()
 
@@ -110,9 +115,11 @@ async def test_chdb_reopened_keeps_data_and_does_not_reapply_migrations(tmp_path
     await again.start()
     try:
         assert await scalar(again, "SELECT count() AS n FROM ticks FINAL") == 3
-        assert await again.applied_migrations() == [1]
+        assert await again.applied_migrations() == [1, 2]
         # No FINAL: a re-applied migration would show as a second row even before a merge.
-        reopened = await again.query("SELECT version, name, applied_ns FROM schema_migrations")
+        reopened = await again.query(
+            "SELECT version, name, applied_ns FROM schema_migrations ORDER BY version"
+        )
         assert reopened.to_pylist() == applied.to_pylist()
     finally:
         await again.close()
@@ -161,7 +168,7 @@ async def test_chdb_directory_held_by_another_process_is_locked(tmp_path: Path) 
     store = ChdbStore(tmp_path)
     await store.start()
     try:
-        assert await store.applied_migrations() == [1]
+        assert await store.applied_migrations() == [1, 2]
     finally:
         await store.close()
 

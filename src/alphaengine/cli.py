@@ -3,19 +3,27 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import csv
 import logging
 import sys
-from collections.abc import Coroutine
-from typing import Any, TypeVar
+import time
+from collections.abc import AsyncIterator, Coroutine
+from datetime import date, datetime
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import click
+import msgspec
 import orjson
 import uvloop
 
 from alphaengine import __version__
 from alphaengine.config import LoadedConfig, load
 from alphaengine.errors import AlphaEngineError, ConfigError
+
+if TYPE_CHECKING:
+    from alphaengine.archive import Archive, DayReport, ManifestEntry, PendingPartition
 
 T = TypeVar("T")
 
@@ -128,6 +136,208 @@ async def _query_directly(loaded: LoadedConfig, sql: str) -> tuple[list[str], li
     finally:
         await store.close()
     return table.column_names, [list(row.values()) for row in table.to_pylist()]
+
+
+@main.group()
+def archive() -> None:
+    """Parquet archives of old day partitions in the object store (docs/archive.md).
+
+    While an engine runs on the same configuration, these commands go through its admin socket (it holds
+    the store); otherwise they open the store and the object store themselves.
+    """
+
+
+_ARCHIVED_TABLE = click.Choice(["ticks", "bars"])
+_DATE = click.DateTime(formats=["%Y-%m-%d"])
+
+
+@archive.command("run")
+@click.option("--config", "config_path", required=True, type=click.Path(dir_okay=False))
+@click.option(
+    "--table",
+    type=_ARCHIVED_TABLE,
+    default=None,
+    help="Only this table (default: the archiver's tables, both unless configured).",
+)
+@click.option(
+    "--before",
+    type=_DATE,
+    default=None,
+    help="Archive the days strictly before this date, YYYY-MM-DD (default: today (UTC) minus the "
+    "archiver's archive_after_days for ticks and bars_after_days for bars).",
+)
+def archive_run(config_path: str, table: str | None, before: datetime | None) -> None:
+    """Archive every day older than the cutoff now: export, upload, verify, record, drop.
+
+    Stops at the first day that fails (nothing of it is dropped); a rerun carries on from there.
+    """
+    from alphaengine.archive import configured_settings, today_utc  # noqa: PLC0415
+    from alphaengine.clock import LiveClock  # noqa: PLC0415
+
+    loaded = _load_or_exit(config_path)
+    cutoffs = configured_settings(loaded).cutoffs(
+        today_utc(LiveClock()),
+        tables=(table,) if table else None,
+        before=before.date() if before else None,
+    )
+    try:
+        _run_async(_archive_run(loaded, cutoffs))
+    except AlphaEngineError as exc:
+        click.echo(f"alphaengine: {exc}", err=True)
+        sys.exit(1)
+
+
+async def _archive_run(loaded: LoadedConfig, cutoffs: dict[str, date]) -> None:
+    async with _open_archive(loaded) as archive:
+        plan = await archive.pending(cutoffs)
+        if not plan:
+            limits = ", ".join(f"{table} before {day}" for table, day in cutoffs.items())
+            click.echo(f"nothing to archive ({limits})")
+            return
+        reports: list[DayReport] = []
+        started = time.monotonic()
+        try:
+            with click.progressbar(
+                plan,
+                label=f"archiving {len(plan)} partition(s)",
+                file=sys.stderr,
+                item_show_func=lambda p: f"{p.table} {p.day}" if p else None,
+            ) as bar:
+                for partition in bar:
+                    report = await archive.archive_day(partition.table, partition.day)
+                    if report is not None:
+                        reports.append(report)
+        finally:
+            # Also after a failure: what was archived before it stays archived, and is worth saying.
+            rows = sum(r.rows for r in reports)
+            size = sum(r.bytes for r in reports)
+            click.echo(
+                f"archived {len(reports)} partition(s): {rows} rows, {size} bytes "
+                f"in {time.monotonic() - started:.1f} s"
+            )
+            for r in reports:
+                merged = "  (merged with an earlier archive)" if r.merged else ""
+                click.echo(
+                    f"  {r.table:<6} {r.day}  {r.rows:>10} rows  {r.bytes:>12} bytes  {r.seconds:6.2f} s  "
+                    f"{r.object_key}{merged}"
+                )
+
+
+@archive.command("list")
+@click.option("--config", "config_path", required=True, type=click.Path(dir_okay=False))
+def archive_list(config_path: str) -> None:
+    """The archive manifest: every archived day with its rows, size and object key."""
+    loaded = _load_or_exit(config_path)
+    try:
+        entries = _run_async(_archive_manifest(loaded))
+    except AlphaEngineError as exc:
+        click.echo(f"alphaengine: {exc}", err=True)
+        sys.exit(1)
+    if not entries:
+        click.echo("no archives")
+        return
+    click.echo(f"{'table':<6} {'date':<10} {'rows':>10} {'bytes':>12}  key")
+    for e in entries:
+        click.echo(f"{e.table:<6} {e.day} {e.rows:>10} {e.bytes:>12}  {e.object_key}")
+
+
+async def _archive_manifest(loaded: LoadedConfig) -> list[ManifestEntry]:
+    async with _open_archive(loaded) as archive:
+        return await archive.manifest()
+
+
+@archive.command("restore")
+@click.option("--config", "config_path", required=True, type=click.Path(dir_okay=False))
+@click.option("--table", type=_ARCHIVED_TABLE, default="ticks", show_default=True)
+@click.argument("day", metavar="DATE", type=_DATE)
+def archive_restore(config_path: str, table: str, day: datetime) -> None:
+    """Insert an archived day (YYYY-MM-DD) back into the store, after checking the file's SHA-256.
+
+    Idempotent: rows already in the store stay once. The day is then older than the cutoff again, so the
+    archiver's next run archives it again (the same rows to the same object) and drops it.
+    """
+    loaded = _load_or_exit(config_path)
+    try:
+        entry, rows = _run_async(_archive_restore(loaded, table, day.date()))
+    except AlphaEngineError as exc:
+        click.echo(f"alphaengine: {exc}", err=True)
+        sys.exit(1)
+    click.echo(f"restored {rows} rows of {table} {entry.day} from {entry.object_key}")
+
+
+async def _archive_restore(loaded: LoadedConfig, table: str, day: date) -> tuple[ManifestEntry, int]:
+    async with _open_archive(loaded) as archive:
+        return await archive.restore(table, day)
+
+
+_ARCHIVE_DAY_TIMEOUT_S = 3600.0
+"""How long the CLI waits for the engine to archive or restore one day (a big day takes minutes)."""
+
+
+class _EngineArchive:
+    """The operations of :class:`~alphaengine.archive.Archive` the CLI uses, sent to a running engine."""
+
+    def __init__(self, socket_path: Path, token: str | None) -> None:
+        self.socket_path = socket_path
+        self.token = token
+
+    async def _request(self, cmd: str, args: dict[str, Any], timeout_s: float = 30.0) -> Any:
+        from alphaengine.kernel import admin  # noqa: PLC0415
+
+        return await admin.request(self.socket_path, cmd, args, self.token, timeout_s)
+
+    async def pending(self, cutoffs: dict[str, date]) -> list[PendingPartition]:
+        from alphaengine.archive import PendingPartition  # noqa: PLC0415
+
+        result = await self._request("archive_pending", {"cutoffs": msgspec.to_builtins(cutoffs)})
+        return msgspec.convert(result, list[PendingPartition])
+
+    async def archive_day(self, table: str, day: date) -> DayReport | None:
+        from alphaengine.archive import DayReport  # noqa: PLC0415
+
+        args = {"table": table, "day": day.isoformat()}
+        result = await self._request("archive_run", args, _ARCHIVE_DAY_TIMEOUT_S)
+        return None if result is None else msgspec.convert(result, DayReport)
+
+    async def manifest(self) -> list[ManifestEntry]:
+        from alphaengine.archive import ManifestEntry  # noqa: PLC0415
+
+        return msgspec.convert(await self._request("archive_list", {}), list[ManifestEntry])
+
+    async def restore(self, table: str, day: date) -> tuple[ManifestEntry, int]:
+        from alphaengine.archive import ManifestEntry  # noqa: PLC0415
+
+        args = {"table": table, "day": day.isoformat()}
+        result = await self._request("archive_restore", args, _ARCHIVE_DAY_TIMEOUT_S)
+        return msgspec.convert(result["entry"], ManifestEntry), int(result["rows"])
+
+
+@contextlib.asynccontextmanager
+async def _open_archive(loaded: LoadedConfig) -> AsyncIterator[Archive | _EngineArchive]:
+    """The running engine's archive if one answers on the admin socket, else one over opened stores."""
+    from alphaengine.archive import SCRATCH_DIR, Archive  # noqa: PLC0415
+    from alphaengine.clock import LiveClock  # noqa: PLC0415
+    from alphaengine.kernel import admin  # noqa: PLC0415
+    from alphaengine.kernel.engine import resolve_config_paths, resolve_path  # noqa: PLC0415
+    from alphaengine.objectstore import build_objectstore  # noqa: PLC0415
+    from alphaengine.store import build_store  # noqa: PLC0415
+
+    socket_path = resolve_path(loaded.app.admin.socket)
+    if admin.is_engine_listening(socket_path):
+        yield _EngineArchive(socket_path, loaded.app.admin.token)
+        return
+    app = resolve_config_paths(loaded).app
+    store = build_store(app.store)
+    objects = build_objectstore(app.objectstore)
+    await store.start()
+    try:
+        await objects.start()
+        try:
+            yield Archive(store, objects, Path(app.engine.data_dir) / SCRATCH_DIR, LiveClock())
+        finally:
+            await objects.close()
+    finally:
+        await store.close()
 
 
 @main.command("admin")

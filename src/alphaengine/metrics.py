@@ -65,6 +65,23 @@ MODULE_RESTARTS = Counter(
     "alphaengine_module_restarts_total", "Restarts of a module by the supervisor.", ["module"]
 )
 MODULE_FAILURES = Counter("alphaengine_module_failures_total", "Failures of a module.", ["module"])
+ARCHIVE_RUNS = Counter(
+    "alphaengine_archive_runs_total", "Scheduled archiver runs, by result (success, error).", ["result"]
+)
+ARCHIVED_ROWS = Counter(
+    "alphaengine_archived_rows_total",
+    "Rows written to verified archives and dropped from the store.",
+    ["table"],
+)
+ARCHIVE_PARTITIONS_PENDING = Gauge(
+    "alphaengine_archive_partitions_pending",
+    "Day partitions older than the archive cutoff still in the store (as of the last plan or run).",
+    ["table"],
+)
+ARCHIVE_LAST_SUCCESS = Gauge(
+    "alphaengine_archive_last_success_timestamp_seconds",
+    "When the last archiver run finished without error (engine clock, seconds since the epoch).",
+)
 
 
 def total(metric: MetricWrapperBase) -> float:

@@ -16,12 +16,15 @@ import os
 import signal
 import time
 from dataclasses import dataclass
+from datetime import date
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
+import msgspec
 import pyarrow as pa
 
 from alphaengine import metrics
+from alphaengine.archive import SCRATCH_DIR, Archive, ArchiveError, PendingPartition
 from alphaengine.bus import build_bus
 from alphaengine.clock import Clock, LiveClock
 from alphaengine.config import LoadedConfig
@@ -35,6 +38,8 @@ from alphaengine.sources.base import TickSource
 from alphaengine.store import build_store
 
 log = logging.getLogger("alphaengine.engine")
+
+T = TypeVar("T")
 
 
 @dataclass(frozen=True, slots=True)
@@ -261,6 +266,10 @@ class Engine:
             "health": self._cmd_health,
             "query": self._cmd_query,
             "stop": self._cmd_stop,
+            "archive_pending": self._cmd_archive_pending,
+            "archive_run": self._cmd_archive_run,
+            "archive_list": self._cmd_archive_list,
+            "archive_restore": self._cmd_archive_restore,
         }
 
     async def _cmd_status(self, args: dict[str, Any]) -> dict[str, Any]:
@@ -306,3 +315,38 @@ class Engine:
     async def _cmd_stop(self, args: dict[str, Any]) -> dict[str, Any]:
         self.request_stop("admin stop command")
         return {"stopping": True}
+
+    # `alphaengine archive` sends these while the engine holds the store (chDB: one process per
+    # directory). Every Archive over the same store shares one lock with the archiver module's.
+
+    def _archive(self) -> Archive:
+        assert self.supervisor is not None
+        ctx = self.supervisor.ctx
+        return Archive(ctx.store, ctx.objects, ctx.data_dir / SCRATCH_DIR, ctx.clock)
+
+    async def _cmd_archive_pending(self, args: dict[str, Any]) -> Any:
+        """``{"cutoffs": {"<table>": "YYYY-MM-DD"}}``: the partitions older than their cutoff."""
+        cutoffs = _archive_args(args.get("cutoffs"), dict[str, date])
+        return msgspec.to_builtins(await self._archive().pending(cutoffs))
+
+    async def _cmd_archive_run(self, args: dict[str, Any]) -> Any:
+        """``{"table": ..., "day": "YYYY-MM-DD"}``: archive one day; its report, or null if it has no rows."""
+        partition = _archive_args(args, PendingPartition)
+        return msgspec.to_builtins(await self._archive().archive_day(partition.table, partition.day))
+
+    async def _cmd_archive_list(self, args: dict[str, Any]) -> Any:
+        """The archive manifest."""
+        return msgspec.to_builtins(await self._archive().manifest())
+
+    async def _cmd_archive_restore(self, args: dict[str, Any]) -> Any:
+        """``{"table": ..., "day": "YYYY-MM-DD"}``: insert an archived day back; its entry and row count."""
+        partition = _archive_args(args, PendingPartition)
+        entry, rows = await self._archive().restore(partition.table, partition.day)
+        return {"entry": msgspec.to_builtins(entry), "rows": rows}
+
+
+def _archive_args(args: Any, kind: type[T]) -> T:
+    try:
+        return msgspec.convert(args, kind)
+    except msgspec.ValidationError as exc:
+        raise ArchiveError(f"bad arguments {args!r}: {exc}") from None

@@ -78,7 +78,27 @@ MIGRATIONS_TABLE = TableSpec(
     doc="Which migrations have been applied to this database.",
 )
 
-MIGRATIONS: tuple[Migration, ...] = (Migration(1, "ticks and bars", tables=(TICKS, BARS)),)
+ARCHIVE_MANIFEST = TableSpec(
+    name="archive_manifest",
+    columns=(
+        Column("table", "String", pa.string()),
+        Column("day", "UInt32", pa.uint32()),
+        Column("object_key", "String", pa.string()),
+        Column("rows", "UInt64", pa.uint64()),
+        Column("content_checksum", "String", pa.string()),
+        Column("file_sha256", "String", pa.string()),
+        Column("bytes", "UInt64", pa.uint64()),
+        Column("archived_ns", "Int64", pa.int64()),
+    ),
+    key=("table", "day"),
+    partition_by=None,
+    doc="One row per archived (table, day YYYYMMDD): where its Parquet file is and how it was verified.",
+)
+
+MIGRATIONS: tuple[Migration, ...] = (
+    Migration(1, "ticks and bars", tables=(TICKS, BARS)),
+    Migration(2, "archive manifest", tables=(ARCHIVE_MANIFEST,)),
+)
 """Every schema change in order; a store applies those whose version it has not recorded."""
 
 TABLES: dict[str, TableSpec] = {t.name: t for m in MIGRATIONS for t in m.tables} | {
