@@ -1,7 +1,8 @@
 """The Bus port (topics of keyed records, consumer groups, committed offsets) and its implementations.
 
 The interface lives in :mod:`alphaengine.bus.base`; :class:`MemoryBus` is the embedded implementation
-(in memory, or kept in a local log directory). :func:`build_bus` builds the one a configuration names.
+(in memory, or kept in a local log directory) and :class:`KafkaBus` the one on Apache Kafka.
+:func:`build_bus` builds the one a configuration names.
 """
 
 from typing import assert_never
@@ -16,14 +17,16 @@ from alphaengine.bus.base import (
     TopicPartition,
     partition_for,
 )
+from alphaengine.bus.kafka import KafkaBus, KafkaConsumer
 from alphaengine.bus.memory import MemoryBus, MemoryConsumer
 from alphaengine.config import BusConfig, KafkaBusConfig, LocalBusConfig, MemoryBusConfig
-from alphaengine.errors import ConfigError
 
 __all__ = [
     "Bus",
     "Consumer",
     "Headers",
+    "KafkaBus",
+    "KafkaConsumer",
     "MemoryBus",
     "MemoryConsumer",
     "OffsetAndMetadata",
@@ -51,10 +54,5 @@ def build_bus(config: BusConfig) -> Bus:
             fsync=config.fsync,
         )
     if isinstance(config, KafkaBusConfig):
-        raise ConfigError(
-            [
-                "bus.kind: 'kafka' is not available yet: the Kafka bus (aiokafka) comes in a later issue; "
-                "use kind = 'local' (embedded, kept on disk) or 'memory'"
-            ]
-        )
+        return KafkaBus(config)
     assert_never(config)

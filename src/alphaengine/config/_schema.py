@@ -66,6 +66,21 @@ class KafkaBusConfig(Strict, frozen=True, tag="kafka", tag_field="kind"):
     client_id: str = "alphaengine"
     compression: Literal["none", "gzip", "snappy", "lz4", "zstd"] = "zstd"
     linger_ms: int = 5
+    max_batch_bytes: int = 256 * 1024
+    """The producer's batch per partition: one request carries one batch per partition, so small batches
+    cap the rate at a few tens of thousands of 1 KB records a second."""
+    max_message_bytes: int = 8 * 1024 * 1024
+    """Largest record batch: ``max.message.bytes`` of the topics the engine creates, and the producer's
+    largest request (the broker's default, about 1 MiB, is too small for a batch of ticks)."""
+    request_timeout_ms: int = 40_000
+    """How long a request, or a record waiting in the producer's buffer, may take before it fails."""
+    session_timeout_ms: int = 10_000
+    """A consumer that stops heartbeating for this long is dropped from its group (the broker's
+    ``group.min.session.timeout.ms``, 6000 by default, is the floor)."""
+    heartbeat_interval_ms: int = 1_000
+    """How often a consumer heartbeats; it also learns of a rebalance at its next heartbeat."""
+    join_timeout_s: float = 60.0
+    """``Consumer.start`` fails if the group has not assigned partitions to the member by then."""
     security_protocol: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] = "PLAINTEXT"
     sasl_mechanism: Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"] | None = None
     sasl_username: str | None = None
@@ -102,6 +117,16 @@ class ClickHouseStoreConfig(Strict, frozen=True, tag="clickhouse", tag_field="ki
     password: str = ""
     secure: bool = False
     pool_size: int = 4
+    """Connections open at most; requests beyond that wait for a free one."""
+    connect_timeout_s: float = 5.0
+    """Connecting, TLS and the protocol handshake must finish within this many seconds."""
+    query_timeout_s: float = 60.0
+    """One attempt of a request (an insert, a query, a DDL statement) fails after this many seconds."""
+    retry_attempts: int = 3
+    """Attempts per request on connection errors and timeouts before a retriable StoreError is raised."""
+    backoff_initial_s: float = 0.2
+    backoff_max_s: float = 2.0
+    """Capped exponential backoff (full jitter) between those attempts."""
 
 
 StoreConfig = MemoryStoreConfig | ChdbStoreConfig | ClickHouseStoreConfig
