@@ -86,5 +86,3 @@ def test_build_objectstore_builds_memory_and_local(tmp_path: Path) -> None:
     local = build_objectstore(LocalObjectStoreConfig(path=str(tmp_path)))
     assert isinstance(local, LocalObjectStore)
     assert local.root == tmp_path
-
-
