@@ -185,6 +185,7 @@ def test_build_store_builds_memory_and_chdb(tmp_path: Path) -> None:
     assert (chdb.path, chdb.database) == (tmp_path, "research")
 
 
-def test_build_store_refuses_clickhouse_for_now() -> None:
-    with pytest.raises(ConfigError, match="not available yet"):
-        build_store(ClickHouseStoreConfig())
+def test_build_store_builds_the_clickhouse_store_without_connecting() -> None:
+    from alphaengine.store.clickhouse import ClickHouseStore
+
+    assert isinstance(build_store(ClickHouseStoreConfig(host="db.invalid")), ClickHouseStore)

@@ -1,15 +1,22 @@
 """The Store port (tables, idempotent batched inserts, ClickHouse-dialect queries) and its implementations.
 
-``build_store(config)`` turns the ``[store]`` section into a store: ``memory`` (:class:`MemoryStore`) or
-``chdb`` (:class:`ChdbStore`, the embedded default).
+``build_store(config)`` turns the ``[store]`` section into a store: ``memory`` (:class:`MemoryStore`),
+``chdb`` (:class:`ChdbStore`, the embedded default) or ``clickhouse`` (:class:`ClickHouseStore`, a
+ClickHouse server).
 """
 
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
 from alphaengine.config import ChdbStoreConfig, MemoryStoreConfig, StoreConfig
-from alphaengine.errors import ConfigError
 from alphaengine.store.base import Column, Migration, Store, StoreRequestError, TableSpec
 from alphaengine.store.chdb import ChdbStore
 from alphaengine.store.memory import MemoryStore
 from alphaengine.store.schema import BARS, MIGRATIONS, MIGRATIONS_TABLE, TABLES, TICKS
+
+if TYPE_CHECKING:
+    from alphaengine.store.clickhouse import ClickHouseStore
 
 __all__ = [
     "BARS",
@@ -18,6 +25,7 @@ __all__ = [
     "TABLES",
     "TICKS",
     "ChdbStore",
+    "ClickHouseStore",
     "Column",
     "MemoryStore",
     "Migration",
@@ -28,15 +36,21 @@ __all__ = [
 ]
 
 
+def __getattr__(name: str) -> object:
+    # asynch takes about 0.1 s to import: only a process that uses a ClickHouse server pays for it.
+    if name == "ClickHouseStore":
+        from alphaengine.store.clickhouse import ClickHouseStore  # noqa: PLC0415  (imports asynch)
+
+        return ClickHouseStore
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
 def build_store(config: StoreConfig) -> Store:
     """The store a ``[store]`` configuration section describes (not yet started)."""
     if isinstance(config, MemoryStoreConfig):
         return MemoryStore()
     if isinstance(config, ChdbStoreConfig):
         return ChdbStore(config.path, config.database)
-    raise ConfigError(
-        [
-            "store.kind: 'clickhouse' (the ClickHouse-server store) is not available yet; it comes in a "
-            "later issue. Use kind = 'chdb' (embedded) or 'memory'."
-        ]
-    )
+    from alphaengine.store.clickhouse import ClickHouseStore  # noqa: PLC0415  (imports asynch)
+
+    return ClickHouseStore(config)
