@@ -219,3 +219,37 @@ usage: $0 {start|stop|restart|status|env|pause|resume|clean}
 state: $STATE_DIR (STATE_DIR=...)
 EOF
 }
+
+# dispatch "$@": the subcommands every service script has. The script defines cmd_start (which gets the
+# arguments after the subcommand) and cmd_status; a script with more subcommands lists them in
+# EXTRA_SUBCOMMANDS, implements each as cmd_<name>, and describes them in EXTRA_USAGE.
+dispatch() {
+    local sub="${1:-}"
+    (($#)) && shift
+    case "$sub" in
+    start) cmd_start "$@" ;;
+    stop) stop_service ;;
+    restart)
+        stop_service
+        cmd_start "$@"
+        ;;
+    status) cmd_status ;;
+    env) print_env ;;
+    pause) pause_service ;;
+    resume) resume_service ;;
+    clean)
+        stop_service
+        rm -rf "$SVC_DIR" "$ENV_FILE"
+        log "state removed"
+        ;;
+    *)
+        if [[ -n "$sub" && " ${EXTRA_SUBCOMMANDS:-} " == *" $sub "* ]]; then
+            "cmd_$sub" "$@"
+            return
+        fi
+        usage_common
+        [[ -z "${EXTRA_USAGE:-}" ]] || echo "$EXTRA_USAGE" >&2
+        exit 2
+        ;;
+    esac
+}

@@ -121,24 +121,4 @@ cmd_status() {
     return 1
 }
 
-case "${1:-}" in
-start) cmd_start ;;
-stop) stop_service ;;
-restart)
-    stop_service
-    cmd_start
-    ;;
-status) cmd_status ;;
-env) print_env ;;
-pause) pause_service ;;
-resume) resume_service ;;
-clean)
-    stop_service
-    rm -rf "$SVC_DIR" "$ENV_FILE"
-    log "state removed"
-    ;;
-*)
-    usage_common
-    exit 2
-    ;;
-esac
+dispatch "$@"

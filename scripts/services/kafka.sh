@@ -281,30 +281,12 @@ cmd_status() {
     return 1
 }
 
-case "${1:-}" in
-start) cmd_start ;;
-stop) stop_service ;;
-restart)
-    stop_service
-    cmd_start
-    ;;
-status) cmd_status ;;
-env) print_env ;;
-pause) pause_service ;;
-resume) resume_service ;;
-clean)
-    stop_service
-    rm -rf "$SVC_DIR" "$ENV_FILE"
-    log "state removed"
-    ;;
-fetch)
+EXTRA_SUBCOMMANDS="fetch"
+EXTRA_USAGE="  fetch    only download the jars (prints the libs directory)"
+cmd_fetch() {
     check_java
     fetch_libs
     echo "$KAFKA_LIBS_DIR"
-    ;;
-*)
-    usage_common
-    echo "  fetch    only download the jars (prints the libs directory)" >&2
-    exit 2
-    ;;
-esac
+}
+
+dispatch "$@"

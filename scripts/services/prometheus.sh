@@ -153,25 +153,5 @@ cmd_status() {
     return 1
 }
 
-case "${1:-}" in
-start) cmd_start "${2:-}" ;;
-stop) stop_service ;;
-restart)
-    stop_service
-    cmd_start "${2:-}"
-    ;;
-status) cmd_status ;;
-env) print_env ;;
-pause) pause_service ;;
-resume) resume_service ;;
-clean)
-    stop_service
-    rm -rf "$SVC_DIR" "$ENV_FILE"
-    log "state removed"
-    ;;
-*)
-    usage_common
-    echo "  start and restart take an optional Prometheus config file" >&2
-    exit 2
-    ;;
-esac
+EXTRA_USAGE="  start and restart take an optional Prometheus config file"
+dispatch "$@"
