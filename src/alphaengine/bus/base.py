@@ -17,9 +17,12 @@ from __future__ import annotations
 import asyncio
 import zlib
 from collections.abc import Mapping, Sequence
-from typing import NamedTuple, Protocol, runtime_checkable
+from typing import Literal, NamedTuple, Protocol, runtime_checkable
 
 Headers = Sequence[tuple[str, bytes]]
+
+OffsetReset = Literal["earliest", "latest"]
+"""Where a group member starts in a partition the group has no committed offset for."""
 
 
 class TopicPartition(NamedTuple):

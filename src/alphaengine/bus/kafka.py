@@ -48,6 +48,7 @@ from aiokafka.structs import OffsetAndMetadata as KafkaOffsetAndMetadata
 from alphaengine.bus.base import (
     Headers,
     OffsetAndMetadata,
+    OffsetReset,
     Record,
     RecordMetadata,
     TopicPartition,
@@ -58,7 +59,6 @@ from alphaengine.errors import BusError, ConfigError, OffsetOutOfRangeError
 
 log = logging.getLogger(__name__)
 
-OffsetReset = Literal["earliest", "latest"]
 
 _COMPRESSION_AVAILABLE = {"snappy": has_snappy, "lz4": has_lz4, "zstd": has_zstd}
 _TOPIC_WAIT_POLL_S = 0.05

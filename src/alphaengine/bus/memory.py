@@ -52,6 +52,7 @@ from prometheus_client import Gauge
 from alphaengine.bus.base import (
     Headers,
     OffsetAndMetadata,
+    OffsetReset,
     Record,
     RecordMetadata,
     TopicPartition,
@@ -73,8 +74,6 @@ _TOPIC_NAME = re.compile(r"[A-Za-z0-9._-]{1,249}")
 _WAIT_LOG_INTERVAL_S = 10.0
 _MAX_UNWRITTEN_BYTES = 8 * 1024 * 1024
 """The producer buffer of the local bus: a send waits for the disk write beyond this many bytes."""
-
-OffsetReset = Literal["earliest", "latest"]
 
 
 def _check_topic_name(name: str) -> None:
