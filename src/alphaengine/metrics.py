@@ -7,6 +7,7 @@ counters, and label sets bounded by configuration (module names, symbols, interv
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import time
 from collections.abc import Iterable
@@ -107,7 +108,8 @@ class LoopLagProbe:
 
     def __init__(self, interval_s: float = 0.25) -> None:
         self.interval_s = interval_s
-        self.samples: list[float] = []
+        self.samples: collections.deque[float] = collections.deque(maxlen=100_000)
+        """The most recent probes (about seven hours at the default interval), for reports."""
         self._task: asyncio.Task[None] | None = None
 
     def start(self) -> None:
@@ -129,5 +131,4 @@ class LoopLagProbe:
             lag = max(0.0, time.perf_counter() - start - self.interval_s)
             EVENT_LOOP_LAG.set(lag)
             EVENT_LOOP_LAG_HIST.observe(lag)
-            if len(self.samples) < 1_000_000:
-                self.samples.append(lag)
+            self.samples.append(lag)
