@@ -11,7 +11,15 @@ from prometheus_client import REGISTRY
 
 from alphaengine.config import ChdbStoreConfig, ClickHouseStoreConfig, MemoryStoreConfig
 from alphaengine.errors import ConfigError, StoreError, StoreLockedError
-from alphaengine.store import ChdbStore, MemoryStore, Store, StoreRequestError, build_store
+from alphaengine.store import (
+    MIGRATIONS,
+    TABLES,
+    ChdbStore,
+    MemoryStore,
+    Store,
+    StoreRequestError,
+    build_store,
+)
 from tests.contracts.store import StoreContract, scalar, tick_rows
 
 
@@ -81,12 +89,7 @@ class TestChdbStore(StoreContract):
     async def test_statements_other_than_select_still_answer(self, store: Store) -> None:
         result = await store.query("SHOW TABLES")
 
-        assert sorted(result.column(0).to_pylist()) == [
-            "archive_manifest",
-            "bars",
-            "schema_migrations",
-            "ticks",
-        ]
+        assert sorted(result.column(0).to_pylist()) == sorted(TABLES)
 
     async def test_counts_inserts_and_their_duration(self, store: Store) -> None:
         inserts = _inserts("ticks")
@@ -115,7 +118,7 @@ async def test_chdb_reopened_keeps_data_and_does_not_reapply_migrations(tmp_path
     await again.start()
     try:
         assert await scalar(again, "SELECT count() AS n FROM ticks FINAL") == 3
-        assert await again.applied_migrations() == [1, 2]
+        assert await again.applied_migrations() == [m.version for m in MIGRATIONS]
         # No FINAL: a re-applied migration would show as a second row even before a merge.
         reopened = await again.query(
             "SELECT version, name, applied_ns FROM schema_migrations ORDER BY version"
@@ -168,7 +171,7 @@ async def test_chdb_directory_held_by_another_process_is_locked(tmp_path: Path) 
     store = ChdbStore(tmp_path)
     await store.start()
     try:
-        assert await store.applied_migrations() == [1, 2]
+        assert await store.applied_migrations() == [m.version for m in MIGRATIONS]
     finally:
         await store.close()
 

@@ -13,8 +13,11 @@ pattern-matching messages::
     │   └── OffsetOutOfRangeError
     ├── StoreError             the table store (retriable unless stated otherwise)
     │   └── StoreLockedError   the embedded store directory is held by another process
-    └── ObjectStoreError       the object store
-        └── ObjectNotFoundError
+    ├── ObjectStoreError       the object store
+    │   └── ObjectNotFoundError
+    └── FeedError              a market-data feed (WebSocket or REST) failed; reconnecting may help
+        ├── FeedAuthError      the provider refused the credentials (401/403): retrying cannot help
+        └── RestError          a REST request failed after its retries
 """
 
 from __future__ import annotations
@@ -84,3 +87,26 @@ class ObjectNotFoundError(ObjectStoreError):
     """No object under the requested key."""
 
     retriable = False
+
+
+class FeedError(AlphaEngineError):
+    """A market-data feed failed (connection lost, protocol violation); reconnecting may help."""
+
+    retriable = True
+
+
+class FeedAuthError(FeedError):
+    """The provider refused the credentials (HTTP 401/403 at connect): retrying cannot succeed."""
+
+    retriable = False
+
+
+class RestError(FeedError):
+    """A REST request to an exchange failed after its retries; ``status`` and ``code`` as answered."""
+
+    retriable = True
+
+    def __init__(self, message: str, *, status: int | None = None, code: int | None = None) -> None:
+        super().__init__(message)
+        self.status = status
+        self.code = code

@@ -13,13 +13,14 @@ from alphaengine.config import ChdbStoreConfig, MemoryStoreConfig, StoreConfig
 from alphaengine.store.base import Column, Migration, Store, StoreRequestError, TableSpec
 from alphaengine.store.chdb import ChdbStore
 from alphaengine.store.memory import MemoryStore
-from alphaengine.store.schema import BARS, MIGRATIONS, MIGRATIONS_TABLE, TABLES, TICKS
+from alphaengine.store.schema import BARS, FEED_GAPS, MIGRATIONS, MIGRATIONS_TABLE, TABLES, TICKS
 
 if TYPE_CHECKING:
     from alphaengine.store.clickhouse import ClickHouseStore
 
 __all__ = [
     "BARS",
+    "FEED_GAPS",
     "MIGRATIONS",
     "MIGRATIONS_TABLE",
     "TABLES",

@@ -95,9 +95,34 @@ ARCHIVE_MANIFEST = TableSpec(
     doc="One row per archived (table, day YYYYMMDD): where its Parquet file is and how it was verified.",
 )
 
+FEED_GAPS = TableSpec(
+    name="feed_gaps",
+    columns=(
+        _TS,
+        Column("source", "String", pa.string()),
+        _VENUE,
+        _SYMBOL,
+        Column("kind", "String", pa.string()),
+        _i64("from_value"),
+        _i64("to_value"),
+        _i64("ts_ns"),
+        Column("status", "String", pa.string()),
+        _i64("ticks"),
+        Column("detail", "String", pa.string()),
+    ),
+    key=("source", "venue", "symbol", "kind", "from_value"),
+    doc=(
+        "Interruptions of a live feed, once per (source, venue, symbol, kind, from_value): "
+        "kind 'ids' is a trade-id gap [from_value, to_value]; kind 'time' a disconnected window in ns. "
+        "status is 'filled' (backfilled, ticks = trades recovered), 'partial' or 'unfilled'; ts_ns is "
+        "when it was recorded."
+    ),
+)
+
 MIGRATIONS: tuple[Migration, ...] = (
     Migration(1, "ticks and bars", tables=(TICKS, BARS)),
     Migration(2, "archive manifest", tables=(ARCHIVE_MANIFEST,)),
+    Migration(3, "feed gaps", tables=(FEED_GAPS,)),
 )
 """Every schema change in order; a store applies those whose version it has not recorded."""
 
