@@ -12,6 +12,8 @@ import contextlib
 import time
 from collections.abc import Iterable
 
+import numpy as np
+import numpy.typing as npt
 from prometheus_client import Counter, Gauge, Histogram
 from prometheus_client.metrics import MetricWrapperBase
 
@@ -132,3 +134,116 @@ class LoopLagProbe:
             EVENT_LOOP_LAG.set(lag)
             EVENT_LOOP_LAG_HIST.observe(lag)
             self.samples.append(lag)
+
+# -- live market-data feeds (WebSocket sources and their REST backfill) ---------------------------------
+FEED_CONNECTS = Counter(
+    "alphaengine_feed_connects_total", "WebSocket connections a feed opened successfully.", ["source"]
+)
+FEED_CONNECT_FAILURES = Counter(
+    "alphaengine_feed_connect_failures_total",
+    "Connection attempts that failed, by reason (refused, http_<status>, timeout, error).",
+    ["source", "reason"],
+)
+FEED_DISCONNECTS = Counter(
+    "alphaengine_feed_disconnects_total",
+    "Connections that ended, by reason (closed_by_server, dropped, idle_timeout, oversized_frame, "
+    "server_shutdown, max_age, replaced, stopping).",
+    ["source", "reason"],
+)
+FEED_RECONNECT_DELAY = Histogram(
+    "alphaengine_feed_reconnect_delay_seconds",
+    "Backoff waited before a connection attempt.",
+    ["source"],
+    buckets=(0.0, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0),
+)
+FEED_DISCONNECTED_SECONDS = Counter(
+    "alphaengine_feed_disconnected_seconds_total",
+    "Time a feed spent with no open connection while it should have had one.",
+    ["source"],
+)
+FEED_CONNECTIONS = Gauge("alphaengine_feed_connections", "Open WebSocket connections of a feed.", ["source"])
+FEED_FRAMES = Counter("alphaengine_feed_frames_total", "WebSocket data frames received.", ["source"])
+FEED_LATENCY = Histogram(
+    "alphaengine_feed_latency_seconds",
+    "Local receive time minus exchange trade time, per trade (negative: the local clock is behind).",
+    ["source"],
+    buckets=(-1.0, -0.25, 0.0, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0),
+)
+FEED_MIN_LATENCY = Gauge(
+    "alphaengine_feed_min_latency_seconds",
+    "Lower envelope of receive minus exchange time over the last window: clock offset plus the fastest "
+    "network path; below zero the local clock is behind the exchange's.",
+    ["source"],
+)
+FEED_SYMBOL_IDLE = Gauge(
+    "alphaengine_feed_symbol_idle_seconds", "Time since a symbol's last live trade.", ["source", "symbol"]
+)
+FEED_GAPS = Counter(
+    "alphaengine_feed_gaps_total",
+    "Interruptions of a feed (kind ids: trade-id gaps; time: disconnected windows), by outcome.",
+    ["source", "kind", "status"],
+)
+FEED_BACKFILLED = Counter(
+    "alphaengine_feed_backfilled_ticks_total",
+    "Trades recovered through REST backfill and emitted.",
+    ["source", "symbol"],
+)
+FEED_UNFILLED_TRADES = Counter(
+    "alphaengine_feed_unfilled_trades_total",
+    "Trades known to be missing (by trade id) that backfill could not recover.",
+    ["source", "symbol"],
+)
+
+
+def observe_many(histogram: Histogram, values: npt.NDArray[np.float64]) -> None:
+    """Observe many values at once into a label-less histogram child (``metric.labels(...)``).
+
+    prometheus_client observes one value per call; a feed sees hundreds of thousands of trades a second, so
+    the bucket counts are computed with numpy and added in one step per bucket. Uses the client's bucket
+    list, the documented layout of its ``Histogram`` (upper bounds ending in +Inf, non-cumulative counts).
+    """
+    if not len(values):
+        return
+    bounds = histogram._upper_bounds
+    counts = np.bincount(np.searchsorted(bounds, values, side="left"), minlength=len(bounds))
+    for bucket, count in zip(histogram._buckets, counts.tolist(), strict=True):
+        if count:
+            bucket.inc(count)
+    histogram._sum.inc(float(values.sum()))
+
+
+# -- ingest diagnostics (tick sink latency, the monitor module) -----------------------------------------
+TICK_STORE_LATENCY = Histogram(
+    "alphaengine_tick_store_latency_seconds",
+    "Time from a trade's local receive time (recv_ns) until the insert holding it returned, per trade.",
+    buckets=(
+        0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75,
+        1.0, 1.5, 2.0, 3.0, 5.0, 10.0, 30.0, 60.0, 300.0,
+    ),
+)  # fmt: skip
+INGEST_LAG = Gauge(
+    "alphaengine_ingest_lag_seconds",
+    "Age of the newest stored trade of a symbol at the monitor's last sample, by its exchange time (ts_ns).",
+    ["symbol"],
+)
+
+
+# -- the spill journal of the Kafka bus (alphaengine.bus.journal) ------------------------------------
+JOURNAL_BYTES = Gauge(
+    "alphaengine_bus_journal_bytes", "Bytes of the records in the spill journal not yet replayed to Kafka."
+)
+JOURNAL_RECORDS = Gauge(
+    "alphaengine_bus_journal_records", "Records in the spill journal not yet replayed to Kafka."
+)
+JOURNAL_FULL = Gauge(
+    "alphaengine_bus_journal_full",
+    "1 while the spill journal is full and producers wait for space (back-pressure), else 0.",
+)
+JOURNAL_SPILLED = Counter(
+    "alphaengine_bus_journal_spilled_records_total",
+    "Records written to the spill journal because the broker did not take them in time.",
+)
+JOURNAL_REPLAYED = Counter(
+    "alphaengine_bus_journal_replayed_records_total",
+    "Records replayed from the spill journal to Kafka and acknowledged by the broker.",
+)
