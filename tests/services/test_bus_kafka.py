@@ -1,6 +1,8 @@
 """The Kafka bus against the real broker of scripts/services: the Bus contract, unchanged, plus what only
-Kafka promises here (records and committed offsets survive a broker restart; the producer is idempotent)
-and how the Kafka bus refuses misuse."""
+Kafka promises here (records and committed offsets survive a broker restart; the producer is idempotent),
+the spill journal (sends keep flowing while the broker is down, and are replayed in order), topic
+provisioning (a consumer module's dead-letter topic, with the configured partitions and retention) and
+how the Kafka bus refuses misuse."""
 
 from __future__ import annotations
 
@@ -10,15 +12,27 @@ import socket
 import struct
 import subprocess
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
 import msgspec
 import pytest
+from aiokafka.admin import AIOKafkaAdminClient
+from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
+from prometheus_client import REGISTRY
 
-from alphaengine.bus import KafkaBus, OffsetAndMetadata, TopicPartition, build_bus
+from alphaengine.bus import KafkaBus, OffsetAndMetadata, Record, TopicPartition, build_bus
+from alphaengine.bus.journal import Journal
+from alphaengine.clock import LiveClock
+from alphaengine.codec import SCHEMA_HEADER, TICKS_V1, encode_ticks
 from alphaengine.config import KafkaBusConfig
+from alphaengine.config._schema import KafkaTopicConfig
+from alphaengine.domain import TickBatch
 from alphaengine.errors import BusError
+from alphaengine.kernel.module import Context
+from alphaengine.objectstore.memory import MemoryObjectStore
+from alphaengine.pipeline.sinks import SinkSettings, TickSink
+from alphaengine.store.memory import MemoryStore
 from tests.contracts.bus import BusContract, collect, key_for, new_group, send_all
 from tests.services.envfile import require
 
@@ -60,6 +74,18 @@ def topic() -> str:
 
 class TestKafkaBusContract(BusContract):
     """The Bus contract, against the broker (the ``bus`` fixture above)."""
+
+
+class TestKafkaBusWithJournalContract(BusContract):
+    """The same contract with a spill journal configured: while the broker answers, nothing changes."""
+
+    @pytest.fixture
+    async def bus(self, kafka_config: KafkaBusConfig, tmp_path: Path) -> AsyncIterator[KafkaBus]:
+        bus = KafkaBus(msgspec.structs.replace(kafka_config, journal_path=str(tmp_path / "journal")))
+        await bus.start()
+        yield bus
+        assert not bus.spilling
+        await bus.close()
 
 
 # -- durability -----------------------------------------------------------------------------------
@@ -276,3 +302,199 @@ async def test_closing_a_consumer_wakes_its_poll(bus: KafkaBus, topic: str) -> N
     assert await asyncio.wait_for(polling, 10) == []
     with pytest.raises(BusError, match="closed"):
         await consumer.getmany()
+
+
+# -- the spill journal ------------------------------------------------------------------------------
+
+
+def journal_metric(name: str) -> float:
+    return REGISTRY.get_sample_value(f"alphaengine_bus_journal_{name}") or 0.0
+
+
+async def eventually(condition: Callable[[], bool], what: str, timeout_s: float = 90.0) -> None:
+    """Poll until ``condition`` holds; the deadline fails the test."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout_s
+    while not condition():
+        assert loop.time() < deadline, f"not within {timeout_s:.0f} s: {what}"
+        await asyncio.sleep(0.05)
+
+
+async def read_topic(bus: KafkaBus, topic: str, partitions: int) -> dict[int, list[Record]]:
+    """Everything in a topic, by partition, read by a new group (the topic's end offsets say how much)."""
+    ends = await bus.end_offsets([TopicPartition(topic, p) for p in range(partitions)])
+    consumer = bus.consumer(new_group(), [topic])
+    await consumer.start()
+    try:
+        records = await collect(consumer, sum(ends.values()))
+    finally:
+        await consumer.close()
+    return {p: [r for r in records if r.partition == p] for p in range(partitions)}
+
+
+async def test_sends_go_on_into_the_journal_while_the_broker_is_down_and_reach_kafka_in_order(
+    kafka_config: KafkaBusConfig,
+    topic: str,
+    services_env: dict[str, str],
+    tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    config = msgspec.structs.replace(
+        kafka_config, journal_path=str(tmp_path / "journal"), journal_after_s=1.0
+    )
+    bus = KafkaBus(config)
+    await bus.start()
+    spilled_before = journal_metric("spilled_records_total")
+    replayed_before = journal_metric("replayed_records_total")
+    sent = 0
+    stop = asyncio.Event()
+
+    async def produce() -> None:
+        # Like a source: a window of sends, then wait for their acknowledgements, then more.
+        nonlocal sent
+        window = []
+        while not stop.is_set():
+            window.append(await bus.send(topic, b"%d" % sent, key=key_for(sent % 2, 2)))
+            sent += 1
+            if len(window) == 20:
+                await asyncio.gather(*window)
+                window.clear()
+                await asyncio.sleep(0.01)
+        await asyncio.gather(*window)
+
+    try:
+        await bus.create_topic(topic, 2)
+        producing = asyncio.create_task(produce())
+        await eventually(lambda: sent > 200, "records sent before the broker stops")
+        await kafka_sh(services_env, "stop")
+        try:
+            at_stop = sent
+            # Acknowledged from the journal while the broker is down: the sender does not wait for it.
+            await eventually(lambda: sent > at_stop + 1000, "1000 records acknowledged with the broker down")
+            assert bus.spilling
+            assert bus.journal is not None
+            assert bus.journal.records > 0
+            assert journal_metric("records") == bus.journal.records
+        finally:
+            await kafka_sh(services_env, "start")
+        await eventually(lambda: not bus.spilling, "the journal replayed")
+        stop.set()
+        await producing
+        await bus.flush()
+        assert bus.journal.records == 0
+        assert bus.journal.disk_bytes() == 0
+        assert journal_metric("spilled_records_total") - spilled_before > 1000
+        assert journal_metric("replayed_records_total") - replayed_before > 1000
+        assert journal_metric("full") == 0
+        assert "spilling to the journal" in caplog.text
+        # aiokafka retries without pause while the broker is down, logging each attempt: the bus lets
+        # one of each message through per 10 s instead of thousands a second.
+        refused = [r for r in caplog.records if r.name == "aiokafka" and "Unable connect" in r.getMessage()]
+        assert len(refused) < 20
+
+        by_partition = await read_topic(bus, topic, 2)
+    finally:
+        await bus.close()
+    # Every record once (nothing lost, nothing twice: the producer's own copies of the records it held
+    # when the bus began to spill were not replayed again), each key's records in the order sent.
+    for partition, records in by_partition.items():
+        values = [int(r.value) for r in records]
+        assert values == list(range(partition, sent, 2))
+
+
+async def test_a_journal_left_by_a_previous_process_is_replayed_before_anything_new(
+    kafka_config: KafkaBusConfig, topic: str, tmp_path: Path
+) -> None:
+    # What a process killed while spilling leaves (test_journal.py shows a SIGKILL leaves it readable).
+    path = tmp_path / "journal"
+    left = Journal(path, max_bytes=1 << 20)
+    await left.open()
+    appended = [
+        await left.append(topic, b"key", b"old %d" % i, (("h", b"v"),), 1_700_000_000_000) for i in range(50)
+    ]
+    await asyncio.gather(*(a.durable for a in appended))
+    await left.close()
+
+    bus = KafkaBus(msgspec.structs.replace(kafka_config, journal_path=str(path)))
+    await bus.start()
+    try:
+        assert bus.spilling  # until the journal is replayed, new records queue behind it
+        await bus.create_topic(topic, 1)
+        await send_all(bus, topic, [b"new %d" % i for i in range(10)], key=b"key")
+        await eventually(lambda: not bus.spilling, "the journal replayed")
+        (records,) = (await read_topic(bus, topic, 1)).values()
+    finally:
+        await bus.close()
+    assert [r.value for r in records] == [b"old %d" % i for i in range(50)] + [
+        b"new %d" % i for i in range(10)
+    ]
+    assert list(records[0].headers) == [("h", b"v")]
+    assert records[0].timestamp_ms == 1_700_000_000_000  # the time it was first sent, not replayed
+
+
+# -- dead letters -----------------------------------------------------------------------------------
+
+
+async def test_a_sink_dead_letters_garbage_into_its_provisioned_dlq_topic(
+    kafka_config: KafkaBusConfig, topic: str, tmp_path: Path
+) -> None:
+    dlq = f"{topic}.dlq"
+    week_ms = 7 * 24 * 3600 * 1000
+    config = msgspec.structs.replace(
+        kafka_config, topics={dlq: KafkaTopicConfig(partitions=1, retention_ms=week_ms)}
+    )
+    bus = KafkaBus(config)
+    store = MemoryStore()
+    await bus.start()
+    await store.start()
+    ctx = Context(bus, store, MemoryObjectStore(), LiveClock(), tmp_path)
+    sink = TickSink("tick_sink", SinkSettings(topic=topic, group=new_group()), ctx)
+    try:
+        await sink.start()
+        # Provisioned as the sink started, before any dead letter: one partition, a week's retention.
+        assert await bus.partitions(dlq) == 1
+        assert await topic_config(kafka_config, dlq, "retention.ms") == str(week_ms)
+
+        await (await bus.send(topic, b"garbage, not arrow", key=b"BTCUSDT"))
+        ticks = TickBatch.from_columns(
+            venue="TEST",
+            symbol="BTCUSDT",
+            trade_id=[1, 2, 3],
+            ts_ns=[1_700_000_000_000_000_000 + i for i in range(3)],
+            recv_ns=[1_700_000_000_000_000_000 + i for i in range(3)],
+            price=[1.0, 2.0, 3.0],
+            qty=[1.0, 1.0, 1.0],
+            side=[1, -1, 1],
+        )
+        await (
+            await bus.send(topic, encode_ticks(ticks), key=b"BTCUSDT", headers=((SCHEMA_HEADER, TICKS_V1),))
+        )
+        async with asyncio.timeout(60):  # the sink goes on past the dead letter
+            while (await store.query("SELECT count() AS n FROM ticks")).column("n")[0].as_py() < 3:
+                await asyncio.sleep(0.05)
+        (letters,) = (await read_topic(bus, dlq, 1)).values()
+    finally:
+        await sink.stop()
+        await store.close()
+        await bus.close()
+    (letter,) = letters
+    headers = dict(letter.headers)
+    assert letter.value == b"garbage, not arrow"
+    assert letter.key == b"BTCUSDT"
+    assert headers["reason"]
+    assert headers["consumer"] == b"tick_sink"
+    assert headers["source"].startswith(f"{topic}/".encode())
+
+
+async def topic_config(config: KafkaBusConfig, topic: str, name: str) -> str:
+    """One configuration entry of a topic, as the broker describes it."""
+    admin = AIOKafkaAdminClient(bootstrap_servers=config.bootstrap_servers)
+    await admin.start()
+    try:
+        (response,) = await admin.describe_configs(
+            [ConfigResource(ConfigResourceType.TOPIC, topic, {name: None})]
+        )
+    finally:
+        await admin.close()
+    ((resource),) = response.to_object()["resources"]
+    return str(next(e["config_value"] for e in resource["config_entries"] if e["config_names"] == name))

@@ -14,16 +14,42 @@ that commit only when told to. A rebalance revokes every partition of every memb
 assigned to a member resumes at the group's committed offset, while a partition the member keeps resumes
 where it was (as on the embedded bus), not at the committed offset as a plain eager consumer would: that
 would deliver again, to the same member, everything it read since its last commit.
+
+**The spill journal** (``journal_path``). Without it, a producer waits for the broker as long as the
+producer's buffer lasts and then fails. With it, the bus never makes a sender wait for a broker that does
+not answer: a record the broker has not acknowledged within ``journal_after_s`` (or that the producer
+could not take, or failed with a retriable error) sends the bus into *spill mode*:
+
+1. every record still in the producer's buffer is copied, in send order, into the journal
+   (:mod:`alphaengine.bus.journal`), and its send's future resolves once that copy is durable (fsync'd);
+2. while the journal holds anything, every new record goes to the journal too, behind them, so a key's
+   records reach Kafka in the order they were sent. A journaled send's future resolves with partition and
+   offset -1 (the record is safe on local disk, not yet in Kafka). When the journal is full
+   (``journal_max_bytes``) a send waits: back-pressure, never a drop;
+3. a drain task waits until the producer has settled the copies of step 1 (it retries them until the
+   broker is back, so this is also how the drain learns the broker answers), then replays the journal in
+   order, skipping the records the producer did deliver, and forgets each batch once Kafka acknowledged
+   it. When the journal is empty, sends go straight to the producer again.
+
+A process killed in spill mode leaves the journal on disk; the next start replays it before anything new.
+Delivery from the journal is at least once (a crash between a replay and its record in the journal
+replays a batch again; so does a replay batch the producer fails): downstream, records are idempotent
+by key (ticks by venue, symbol and trade id; bars by symbol, interval and start), so a duplicate changes
+nothing that is stored.
 """
 
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import logging
 import ssl
+import time
 from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
 from functools import partial
+from pathlib import Path
 from typing import Any, Literal
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRebalanceListener
@@ -45,6 +71,8 @@ from aiokafka.errors import (
 from aiokafka.errors import OffsetOutOfRangeError as KafkaOffsetOutOfRangeError
 from aiokafka.structs import OffsetAndMetadata as KafkaOffsetAndMetadata
 
+from alphaengine.backoff import Backoff
+from alphaengine.bus._segments import record_size
 from alphaengine.bus.base import (
     Headers,
     OffsetAndMetadata,
@@ -54,14 +82,20 @@ from alphaengine.bus.base import (
     TopicPartition,
     partition_for,
 )
+from alphaengine.bus.journal import Journal, JournalRecord
 from alphaengine.config import KafkaBusConfig
 from alphaengine.errors import BusError, ConfigError, OffsetOutOfRangeError
+from alphaengine.metrics import JOURNAL_REPLAYED
 
 log = logging.getLogger(__name__)
 
 
 _COMPRESSION_AVAILABLE = {"snappy": has_snappy, "lz4": has_lz4, "zstd": has_zstd}
 _TOPIC_WAIT_POLL_S = 0.05
+_REPLAY_BATCH_RECORDS = 2000
+_REPLAY_BATCH_BYTES = 8 * 1024 * 1024
+_JOURNAL_SEGMENT_BYTES = (1024 * 1024, 64 * 1024 * 1024)
+"""Bounds of the journal's segment size (a sixteenth of ``journal_max_bytes`` in between)."""
 
 
 def _translated(exc: BaseException, what: str) -> Exception:
@@ -86,6 +120,38 @@ def _kafka_errors(what: str) -> Iterator[None]:
         raise _translated(exc, what) from exc
 
 
+class _RepeatFilter(logging.Filter):
+    """Lets through one of each aiokafka message per interval, and says how many were held back.
+
+    While the broker is down, aiokafka's producer retries its metadata without a pause and logs two
+    errors per attempt: thousands of identical lines a second, which would bury everything else.
+    """
+
+    def __init__(self, interval_s: float = 10.0) -> None:
+        super().__init__()
+        self.interval_s = interval_s
+        self._last: dict[tuple[str, int, object], tuple[float, int]] = {}
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        """Whether to log the record (first of its kind in the interval), noting the suppressed ones."""
+        key = (record.name, record.levelno, record.msg)
+        now = time.monotonic()
+        last = self._last.get(key)
+        if last is not None and now - last[0] < self.interval_s:
+            self._last[key] = (last[0], last[1] + 1)
+            return False
+        if len(self._last) >= 1000:  # messages with varying text: forget the old ones
+            self._last = {k: v for k, v in self._last.items() if now - v[0] < self.interval_s}
+        self._last[key] = (now, 0)
+        if last is not None and last[1]:
+            record.msg = f"{record.msg} [{last[1]} more like this in the last {now - last[0]:.0f} s]"
+        return True
+
+
+_AIOKAFKA_LOG = logging.getLogger("aiokafka")
+_REPEAT_FILTER = _RepeatFilter()
+
+
 def _kafka_tp(tp: TopicPartition) -> Any:
     # aiokafka checks isinstance against its own TopicPartition, which is a different class.
     return KafkaTopicPartition(tp.topic, tp.partition)
@@ -107,12 +173,30 @@ def _records(batch: list[Any]) -> list[Record]:
     ]
 
 
+@dataclass(eq=False, slots=True)
+class _InFlight:
+    """A record the producer holds for the bus while a journal is configured (see :meth:`KafkaBus._spill`)."""
+
+    topic: str
+    key: bytes | None
+    value: bytes
+    headers: Headers
+    timestamp_ms: int
+    sent_at: float
+    """Loop time of the send: the watchdog spills when the oldest one waits longer than journal_after_s."""
+    acknowledged: asyncio.Future[RecordMetadata]
+    """The future the sender awaits."""
+    journal_offset: int | None = None
+    """Where its copy went in the journal, once spilled."""
+
+
 class KafkaBus:
     """The :class:`~alphaengine.bus.base.Bus` on an Apache Kafka cluster.
 
     ``start()`` connects an idempotent producer, an admin client (topic provisioning and metadata) and a
     group-less consumer that answers :meth:`beginning_offsets` and :meth:`end_offsets`. Consumers made by
-    :meth:`consumer` each have their own connection and group membership.
+    :meth:`consumer` each have their own connection and group membership. With ``journal_path``, it also
+    opens the spill journal and runs its watchdog and drain tasks (see the module's documentation).
     """
 
     def __init__(self, config: KafkaBusConfig) -> None:
@@ -126,9 +210,18 @@ class KafkaBus:
             problems.append(f"bus.partitions: must be positive, not {config.partitions}")
         if config.replication_factor < 1:
             problems.append(f"bus.replication_factor: must be positive, not {config.replication_factor}")
+        for name, topic in config.topics.items():
+            if topic.partitions is not None and topic.partitions < 1:
+                problems.append(f"bus.topics.{name}.partitions: must be positive, not {topic.partitions}")
+        if config.journal_max_bytes < 1:
+            problems.append(f"bus.journal_max_bytes: must be positive, not {config.journal_max_bytes}")
+        if config.journal_after_s <= 0:
+            problems.append(f"bus.journal_after_s: must be positive, not {config.journal_after_s}")
         if problems:
             raise ConfigError(problems)
         self.config = config
+        self.journal_path = None if config.journal_path is None else Path(config.journal_path).resolve()
+        """The spill journal's directory (made absolute when the bus is built), if any."""
         self._state: Literal["new", "started", "closed"] = "new"
         self._resources = contextlib.AsyncExitStack()
         self._producer: Any = None
@@ -138,12 +231,30 @@ class KafkaBus:
         """Partition counts of the topics sent to, read once: a topic's partitions are fixed (base.py)."""
         self._round_robin: dict[str, int] = {}
         self._unacknowledged = 0
+        """Sends whose future is not done yet (:meth:`flush` waits for them)."""
         self._all_acknowledged = asyncio.Event()
         self._all_acknowledged.set()
         self._consumers: set[KafkaConsumer] = set()
+        self.journal: Journal | None = None
+        """The spill journal, while the bus is started with one."""
+        self._spilling = False
+        self._in_flight: collections.OrderedDict[int, _InFlight] = collections.OrderedDict()
+        """Records in the producer's hands, in send order (only with a journal)."""
+        self._next_send = 0
+        self._in_flight_settled = asyncio.Event()
+        self._in_flight_settled.set()
+        self._delivered: set[tuple[str, int]] = set()
+        """Journal copies (topic, offset) whose original the producer delivered: not replayed."""
+        self._journal_tasks: list[asyncio.Task[None]] = []
 
     def __repr__(self) -> str:
-        return f"<KafkaBus {self.config.bootstrap_servers} {self._state}>"
+        spilling = ", spilling to the journal" if self._spilling else ""
+        return f"<KafkaBus {self.config.bootstrap_servers} {self._state}{spilling}>"
+
+    @property
+    def spilling(self) -> bool:
+        """Whether sends go to the journal (the broker was unreachable, or the journal is not drained)."""
+        return self._spilling
 
     @property
     def producer_settings(self) -> dict[str, object]:
@@ -177,10 +288,10 @@ class KafkaBus:
     # -- lifecycle --------------------------------------------------------------------------------
 
     async def start(self) -> None:
-        """Connect to the cluster; returns when records can be sent.
+        """Connect to the cluster (and open the journal); returns when records can be sent.
 
-        A start that fails (:class:`BusError`: the cluster cannot be reached) releases what it opened and
-        may be tried again.
+        A start that fails (:class:`BusError`: the cluster cannot be reached, or the journal is in use)
+        releases what it opened and may be tried again.
         """
         if self._state == "closed":
             raise BusError("the bus is closed")
@@ -188,6 +299,11 @@ class KafkaBus:
             return
         resources = self._resources
         try:
+            if self.journal_path is not None:
+                journal = self._new_journal(self.journal_path)
+                await journal.open()
+                resources.push_async_callback(journal.close)
+                self.journal = journal
             with _kafka_errors(f"connect to Kafka at {self.config.bootstrap_servers}"):
                 # Each client is registered for closing before it starts: a start that fails half-way
                 # leaves open connections (and aiokafka's "unclosed" warnings) otherwise.
@@ -201,22 +317,68 @@ class KafkaBus:
                 resources.push_async_callback(self._offsets.stop)
                 await self._offsets.start()
         except BaseException:
+            self.journal = None
             await resources.aclose()
             raise
         self._state = "started"
+        if _REPEAT_FILTER not in _AIOKAFKA_LOG.filters:
+            _AIOKAFKA_LOG.addFilter(_REPEAT_FILTER)
+        if self.journal is not None:
+            # What a previous process left in the journal goes to Kafka before anything new.
+            self._spilling = self.journal.records > 0
+            loop = asyncio.get_running_loop()
+            self._journal_tasks = [
+                loop.create_task(self._watch(), name="kafka-journal-watchdog"),
+                loop.create_task(self._drain(), name="kafka-journal-drain"),
+            ]
+
+    def _new_journal(self, path: Path) -> Journal:
+        max_bytes = self.config.journal_max_bytes
+        low, high = _JOURNAL_SEGMENT_BYTES
+        return Journal(path, max_bytes=max_bytes, segment_bytes=min(high, max(low, max_bytes // 16)))
 
     async def close(self) -> None:
-        """Close every consumer, flush what was sent and disconnect (idempotent)."""
+        """Close every consumer, flush what was sent and disconnect (idempotent).
+
+        With a journal: records the broker has not acknowledged by then are left in the journal (made
+        durable first) for the next start to replay, so closing does not wait for an absent broker.
+        """
         if self._state == "closed":
             return
+        started = self._state == "started"
         self._state = "closed"
         try:
             for consumer in list(self._consumers):
                 await consumer.close()
+            if started and self.journal is not None:
+                await self._close_journal(self.journal)
         finally:
             # The producer's stop flushes the records already sent before it disconnects.
             with _kafka_errors("close the Kafka clients"):
                 await self._resources.aclose()
+
+    async def _close_journal(self, journal: Journal) -> None:
+        for task in self._journal_tasks:
+            task.cancel()
+        await asyncio.gather(*self._journal_tasks, return_exceptions=True)
+        if self._in_flight and not self._spilling:
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(self.config.journal_after_s):
+                    await self._in_flight_settled.wait()
+            if self._in_flight:
+                self._spill("closing with records the broker has not acknowledged")
+        await journal.flush()
+        if self._spilling:
+            # Everything the producer still holds (copies of spilled records, records of a replay cut
+            # short) is in the journal: fail it, or the producer's stop would wait for the broker.
+            self._producer._message_accumulator.fail_all(BusError("the bus closed; kept in the journal"))
+            if journal.records:
+                log.warning(
+                    "closing with %d records (%d bytes) in the journal %s: replayed at the next start",
+                    journal.records,
+                    journal.held_bytes,
+                    journal.path,
+                )
 
     def _check_usable(self) -> None:
         if self._state != "started":
@@ -228,17 +390,29 @@ class KafkaBus:
         """Create a topic if it does not exist; returns once every partition has a leader.
 
         An existing topic keeps its partition count. New topics get ``max.message.bytes`` from the
-        configuration, and the configured replication factor.
+        configuration, the configured replication factor, and the partitions and ``retention.ms`` of
+        ``bus.topics.<name>`` (else of the bus).
         """
         self._check_usable()
-        count = self.config.partitions if partitions is None else partitions
+        settings = self.config.topics.get(name)
+        count = partitions
+        if count is None and settings is not None:
+            count = settings.partitions
+        if count is None:
+            count = self.config.partitions
         if count < 1:
             raise ValueError(f"topic {name!r}: partitions must be positive, not {count}")
+        topic_configs = {"max.message.bytes": str(self.config.max_message_bytes)}
+        retention_ms = self.config.retention_ms
+        if settings is not None and settings.retention_ms is not None:
+            retention_ms = settings.retention_ms
+        if retention_ms is not None:
+            topic_configs["retention.ms"] = str(retention_ms)
         topic = NewTopic(
             name,
             num_partitions=count,
             replication_factor=self.config.replication_factor,
-            topic_configs={"max.message.bytes": str(self.config.max_message_bytes)},
+            topic_configs=topic_configs,
         )
         with _kafka_errors(f"create topic {name!r}"):
             response = await self._admin.create_topics([topic])
@@ -303,27 +477,34 @@ class KafkaBus:
         Waits while the producer's buffer for the record's partition is full (a :class:`BusError` after
         ``request_timeout_ms``). A topic this bus has not sent to yet is created unless it exists, and its
         partition count is read once: the port's topics keep their partitions.
+
+        With a journal, the future may instead resolve once the record is durable in the journal, with
+        partition and offset -1; a send then waits only while the journal is full.
         """
         if self._state != "started":
             self._check_usable()
+        if self.journal is not None:
+            return await self._send_or_spill(self.journal, topic, value, key, headers)
         count = self._partition_counts.get(topic)
         if count is None:
             count = await self._partition_count(topic)
-        if key is None:
-            turn = self._round_robin.get(topic, 0)
-            self._round_robin[topic] = turn + 1
-            partition = turn % count
-        else:
-            partition = partition_for(key, count)
         try:
-            sent = await self._producer.send(topic, value, key=key, partition=partition, headers=headers)
+            # aiokafka's record builder (a C extension) takes the headers as a list, nothing else.
+            sent = await self._producer.send(
+                topic, value, key=key, partition=self._partition(topic, key, count), headers=list(headers)
+            )
         except KafkaError as exc:
             raise _translated(exc, f"send to topic {topic!r}") from exc
-        acknowledged: asyncio.Future[RecordMetadata] = asyncio.get_running_loop().create_future()
-        self._unacknowledged += 1
-        self._all_acknowledged.clear()
+        acknowledged = self._new_acknowledgement()
         sent.add_done_callback(partial(self._acknowledge, acknowledged))
         return acknowledged
+
+    def _partition(self, topic: str, key: bytes | None, count: int) -> int:
+        if key is not None:
+            return partition_for(key, count)
+        turn = self._round_robin.get(topic, 0)
+        self._round_robin[topic] = turn + 1
+        return turn % count
 
     async def _partition_count(self, topic: str) -> int:
         """Create the topic unless it exists, and remember its partition count for the next sends."""
@@ -333,11 +514,21 @@ class KafkaBus:
         self._partition_counts[topic] = count
         return count
 
-    def _acknowledge(self, acknowledged: asyncio.Future[RecordMetadata], sent: asyncio.Future[Any]) -> None:
+    def _new_acknowledgement(self) -> asyncio.Future[RecordMetadata]:
+        """The future a send returns, counted until it is done (for :meth:`flush`)."""
+        acknowledged: asyncio.Future[RecordMetadata] = asyncio.get_running_loop().create_future()
+        self._unacknowledged += 1
+        self._all_acknowledged.clear()
+        acknowledged.add_done_callback(self._settled)
+        return acknowledged
+
+    def _settled(self, acknowledged: asyncio.Future[RecordMetadata]) -> None:
         self._unacknowledged -= 1
         if not self._unacknowledged:
             self._all_acknowledged.set()
-        if acknowledged.cancelled():
+
+    def _acknowledge(self, acknowledged: asyncio.Future[RecordMetadata], sent: asyncio.Future[Any]) -> None:
+        if acknowledged.done():
             return
         if sent.cancelled():
             acknowledged.set_exception(BusError("the send was cancelled"))
@@ -350,12 +541,215 @@ class KafkaBus:
         acknowledged.set_result(RecordMetadata(meta.topic, meta.partition, meta.offset))
 
     async def flush(self) -> None:
-        """Wait until every record sent so far is acknowledged (or failed)."""
-        if self._producer is not None and self._state == "started":
+        """Wait until every record sent so far is acknowledged, journaled or failed."""
+        if self._producer is not None and self._state == "started" and self.journal is None:
             with _kafka_errors("flush the producer"):
                 await self._producer.flush()
-        # The producer's futures are done; the callbacks that resolve ours may still be queued.
+        # The producer's futures are done; the callbacks that resolve ours may still be queued. (With a
+        # journal, a record the broker does not take is journaled within journal_after_s.)
         await self._all_acknowledged.wait()
+
+    # -- the spill journal ------------------------------------------------------------------------
+
+    async def _send_or_spill(
+        self, journal: Journal, topic: str, value: bytes, key: bytes | None, headers: Headers
+    ) -> asyncio.Future[RecordMetadata]:
+        """Send through the producer, unless the bus is spilling or the broker does not take the record."""
+        timestamp_ms = time.time_ns() // 1_000_000
+        if not self._spilling:
+            try:
+                count = self._partition_counts.get(topic)
+                if count is None:
+                    count = await self._partition_count(topic)
+                partition = self._partition(topic, key, count)
+                # The producer waits for room in its buffer, up to request_timeout_ms: a full buffer
+                # means the broker is not taking records, so the record goes to the journal sooner.
+                async with asyncio.timeout(self.config.journal_after_s):
+                    sent = await self._producer.send(
+                        topic,
+                        value,
+                        key=key,
+                        partition=partition,
+                        headers=list(headers),
+                        timestamp_ms=timestamp_ms,
+                    )
+            except TimeoutError:
+                self._spill(f"the producer did not take a record within {self.config.journal_after_s:g} s")
+            except KafkaError as exc:
+                failure = _translated(exc, f"send to topic {topic!r}")
+                if not isinstance(failure, BusError) or not failure.retriable:
+                    raise failure from exc
+                self._spill(f"the producer failed: {exc!r}")
+            except BusError as exc:  # the topic could not be created or described
+                self._spill(str(exc))
+            else:
+                entry = _InFlight(
+                    topic,
+                    key,
+                    value,
+                    tuple(headers),
+                    timestamp_ms,
+                    asyncio.get_running_loop().time(),
+                    self._new_acknowledgement(),
+                )
+                self._track(entry, sent)
+                return entry.acknowledged
+        # Refused now what a replay could never deliver: it would hold up the journal behind it forever.
+        # (The journal refuses an illegal topic name.)
+        size = record_size(key, value, headers)
+        if size > self.config.max_message_bytes:
+            raise ValueError(
+                f"cannot send to topic {topic!r}: a record of {size} bytes is larger than "
+                f"{self.config.max_message_bytes} (raise bus.max_message_bytes?)"
+            )
+        appended = await journal.append(topic, key, value, headers, timestamp_ms)
+        acknowledged = self._new_acknowledgement()
+        appended.durable.add_done_callback(partial(self._journaled, acknowledged, topic))
+        return acknowledged
+
+    def _track(self, entry: _InFlight, sent: asyncio.Future[Any]) -> None:
+        """Follow a record the producer took, so that it can be spilled if no acknowledgement comes."""
+        number = self._next_send
+        self._next_send += 1
+        self._in_flight[number] = entry
+        self._in_flight_settled.clear()
+        sent.add_done_callback(partial(self._producer_done, number))
+        if self._spilling:
+            # The producer took it while the bus began to spill (the send was waiting for room).
+            self._copy_to_journal(entry)
+
+    def _producer_done(self, number: int, sent: asyncio.Future[Any]) -> None:
+        entry = self._in_flight[number]
+        failed = sent.cancelled() or sent.exception() is not None
+        if failed and entry.journal_offset is None and self._state == "started" and not self._spilling:
+            exc = sent.exception() if not sent.cancelled() else None
+            failure = None if exc is None else _translated(exc, "deliver a record")
+            if failure is None or (isinstance(failure, BusError) and failure.retriable):
+                # Retriable: spilling copies this record, and every later one still in flight, in order.
+                self._spill(f"the producer failed a record: {exc!r}")
+        del self._in_flight[number]
+        if not self._in_flight:
+            self._in_flight_settled.set()
+        if not failed and entry.journal_offset is not None:
+            self._delivered.add((entry.topic, entry.journal_offset))
+        if failed and entry.journal_offset is not None:
+            return  # its journal copy resolves the sender's future, and is replayed
+        self._acknowledge(entry.acknowledged, sent)
+
+    def _journaled(
+        self, acknowledged: asyncio.Future[RecordMetadata], topic: str, durable: asyncio.Future[None]
+    ) -> None:
+        if acknowledged.done():
+            return
+        exc = BusError("journal write cancelled") if durable.cancelled() else durable.exception()
+        if exc is not None:
+            acknowledged.set_exception(exc)
+        else:
+            acknowledged.set_result(RecordMetadata(topic, -1, -1))
+
+    def _spill(self, reason: str) -> None:
+        """Enter spill mode: copy what the producer holds into the journal; later sends go there too."""
+        journal = self.journal
+        if self._spilling or journal is None:
+            return
+        self._spilling = True
+        log.warning(
+            "Kafka at %s is not taking records (%s): spilling to the journal %s (%d records in flight)",
+            self.config.bootstrap_servers,
+            reason,
+            journal.path,
+            len(self._in_flight),
+        )
+        for entry in self._in_flight.values():
+            self._copy_to_journal(entry)
+
+    def _copy_to_journal(self, entry: _InFlight) -> None:
+        """Journal a record the producer holds; the sender's future resolves with whichever is first."""
+        assert self.journal is not None
+        appended = self.journal.append_nowait(
+            entry.topic, entry.key, entry.value, entry.headers, entry.timestamp_ms
+        )
+        entry.journal_offset = appended.offset
+        appended.durable.add_done_callback(partial(self._journaled, entry.acknowledged, entry.topic))
+
+    async def _watch(self) -> None:
+        """Spill when the oldest record in the producer's hands has waited longer than journal_after_s."""
+        after_s = self.config.journal_after_s
+        loop = asyncio.get_running_loop()
+        while True:
+            await asyncio.sleep(after_s / 4)
+            if self._spilling or not self._in_flight:
+                continue
+            oldest = next(iter(self._in_flight.values()))
+            if loop.time() - oldest.sent_at > after_s:
+                self._spill(f"no acknowledgement within {after_s:g} s")
+
+    async def _drain(self) -> None:
+        """Replay the journal to Kafka in order while it holds records; then leave spill mode."""
+        journal = self.journal
+        assert journal is not None
+        backoff = Backoff(0.1, 5.0)
+        while True:
+            await journal.has_records.wait()
+            # The producer retries the records it held at the switch until the broker takes them (or
+            # fails them): replaying their copies before would put a key's records out of order.
+            await self._in_flight_settled.wait()
+            try:
+                records = journal.read(_REPLAY_BATCH_RECORDS, _REPLAY_BATCH_BYTES)
+                if not records:
+                    await journal.flush()  # appended, not yet written: readable once written
+                    continue
+                replayed = await self._replay(records, backoff)
+            except Exception:
+                journal.rewind()
+                delay = backoff.next_delay()
+                log.exception("replaying the journal %s failed; again in %.1f s", journal.path, delay)
+                await asyncio.sleep(delay)
+                continue
+            backoff.reset()
+            for record in records:
+                self._delivered.discard((record.topic, record.offset))
+            journal.replayed(records)
+            JOURNAL_REPLAYED.inc(replayed)
+            if not journal.records and not journal.full:
+                # A send waiting for room in a full journal has chosen the journal already: it goes
+                # there, and is replayed, before the bus sends directly again.
+                self._spilling = False
+                log.info("journal %s replayed to Kafka: sending to the broker directly again", journal.path)
+
+    async def _replay(self, records: list[JournalRecord], backoff: Backoff) -> int:
+        """Send a batch of journal records to Kafka and wait for every acknowledgement; the number sent."""
+        sent = []
+        for record in records:
+            if (record.topic, record.offset) in self._delivered:
+                continue
+            while True:
+                try:
+                    count = self._partition_counts.get(record.topic)
+                    if count is None:
+                        count = await self._partition_count(record.topic)
+                    with _kafka_errors(f"replay to topic {record.topic!r}"):
+                        sent.append(
+                            await self._producer.send(
+                                record.topic,
+                                record.value,
+                                key=record.key,
+                                partition=self._partition(record.topic, record.key, count),
+                                headers=list(record.headers),
+                                timestamp_ms=record.timestamp_ms,
+                            )
+                        )
+                    break
+                except BusError as exc:
+                    # The producer's buffer stayed full (the broker went away again): what it holds is
+                    # retried by the producer; this record is sent again after a pause.
+                    delay = backoff.next_delay()
+                    log.warning("replaying the journal: %s; again in %.1f s", exc, delay)
+                    await asyncio.sleep(delay)
+        if sent:
+            with _kafka_errors("replay the journal"):
+                await asyncio.gather(*sent)
+        return len(sent)
 
     # -- consumers --------------------------------------------------------------------------------
 

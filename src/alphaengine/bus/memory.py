@@ -20,11 +20,8 @@ Layout of ``path``::
     topics/<topic>/topic.json          {"partitions": N}
     topics/<topic>/<partition>/<base offset, 20 digits>.log       segment files
 
-A segment is a sequence of frames, one per record, little endian::
-
-    u32 body length | u32 CRC-32 of the body |
-    body: i64 offset | i64 timestamp_ms | i32 key length (-1: no key) | u16 header count | key |
-          (u16 name length | name, UTF-8 | u32 value length | value) per header | value
+The segment format (CRC'd frames, torn tails truncated on open) is :mod:`alphaengine.bus._segments`,
+which the spill journal of the Kafka bus shares.
 """
 
 from __future__ import annotations
@@ -35,11 +32,8 @@ import fcntl
 import io
 import logging
 import os
-import re
-import struct
 import time
-import zlib
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
@@ -49,6 +43,16 @@ from urllib.parse import quote
 import orjson
 from prometheus_client import Gauge
 
+from alphaengine.bus._segments import (
+    SegmentLog,
+    check_topic_name,
+    frame,
+    fsync_all,
+    fsync_dir,
+    io_errors,
+    record_size,
+    write_atomic,
+)
 from alphaengine.bus.base import (
     Headers,
     OffsetAndMetadata,
@@ -63,266 +67,9 @@ from alphaengine.metrics import BUS_BACKLOG
 
 log = logging.getLogger(__name__)
 
-_FRAME_HEAD = struct.Struct("<II")
-_BODY_HEAD = struct.Struct("<qqiH")
-_HEADER_NAME = struct.Struct("<H")
-_HEADER_VALUE = struct.Struct("<I")
-_RECORD_OVERHEAD = _FRAME_HEAD.size + _BODY_HEAD.size
-_HEADER_OVERHEAD = _HEADER_NAME.size + _HEADER_VALUE.size
-_SEGMENT_SUFFIX = ".log"
-_TOPIC_NAME = re.compile(r"[A-Za-z0-9._-]{1,249}")
 _WAIT_LOG_INTERVAL_S = 10.0
 _MAX_UNWRITTEN_BYTES = 8 * 1024 * 1024
 """The producer buffer of the local bus: a send waits for the disk write beyond this many bytes."""
-
-
-def _check_topic_name(name: str) -> None:
-    # Kafka's rule, so that a configuration that works on the embedded bus also works on a broker.
-    if not _TOPIC_NAME.fullmatch(name) or name in {".", ".."}:
-        raise ValueError(f"illegal topic name {name!r}: use 1-249 characters of [A-Za-z0-9._-]")
-
-
-def _record_size(key: bytes | None, value: bytes, headers: Headers) -> int:
-    """The bytes a record takes in a segment (also what the backlog accounts for in memory)."""
-    size = _RECORD_OVERHEAD + len(value)
-    if key is not None:
-        size += len(key)
-    for name, header_value in headers:
-        size += _HEADER_OVERHEAD + len(name.encode()) + len(header_value)
-    return size
-
-
-def _frame(record: Record) -> list[bytes]:
-    """The pieces of a record's frame, to be joined into one write with the rest of its batch."""
-    key = record.key
-    pieces = [
-        _BODY_HEAD.pack(
-            record.offset, record.timestamp_ms, -1 if key is None else len(key), len(record.headers)
-        )
-    ]
-    if key:
-        pieces.append(key)
-    for name, header_value in record.headers:
-        encoded = name.encode()
-        pieces += (
-            _HEADER_NAME.pack(len(encoded)),
-            encoded,
-            _HEADER_VALUE.pack(len(header_value)),
-            header_value,
-        )
-    pieces.append(record.value)
-    crc = 0
-    length = 0
-    for piece in pieces:
-        crc = zlib.crc32(piece, crc)
-        length += len(piece)
-    return [_FRAME_HEAD.pack(length, crc), *pieces]
-
-
-def _parse_segment(
-    data: bytes, tp: TopicPartition, expected: int, keep_from: int, out: tuple[list[Record], list[int]]
-) -> tuple[int, int]:
-    """Append the records of a segment at or above ``keep_from`` (and their sizes) to ``out``.
-
-    Returns the length of the valid prefix of ``data`` (a frame whose length, CRC or offset does not
-    check ends it) and the offset after the last valid frame.
-    """
-    view = memoryview(data)
-    records, sizes = out
-    topic, partition = tp
-    pos = 0
-    end_of_data = len(data)
-    while pos + _FRAME_HEAD.size <= end_of_data:
-        length, crc = _FRAME_HEAD.unpack_from(data, pos)
-        body = pos + _FRAME_HEAD.size
-        end = body + length
-        if length < _BODY_HEAD.size or end > end_of_data or zlib.crc32(view[body:end]) != crc:
-            break
-        offset, timestamp_ms, key_length, header_count = _BODY_HEAD.unpack_from(data, body)
-        if offset != expected:
-            break
-        if offset >= keep_from:
-            p = body + _BODY_HEAD.size
-            key = None
-            if key_length >= 0:
-                key = data[p : p + key_length]
-                p += key_length
-            headers: list[tuple[str, bytes]] = []
-            for _ in range(header_count):
-                (name_length,) = _HEADER_NAME.unpack_from(data, p)
-                p += _HEADER_NAME.size
-                name = data[p : p + name_length].decode()
-                p += name_length
-                (value_length,) = _HEADER_VALUE.unpack_from(data, p)
-                p += _HEADER_VALUE.size
-                headers.append((name, data[p : p + value_length]))
-                p += value_length
-            records.append(Record(topic, partition, offset, key, data[p:end], tuple(headers), timestamp_ms))
-            sizes.append(end - pos)
-        expected += 1
-        pos = end
-    return pos, expected
-
-
-@contextlib.contextmanager
-def _io_errors(what: str) -> Iterator[None]:
-    """Report a failed file operation (or an unreadable metadata file) as a :class:`BusError`."""
-    try:
-        yield
-    except (OSError, ValueError, KeyError) as exc:
-        raise BusError(f"cannot {what}: {exc!r}") from exc
-
-
-def _write_atomic(path: Path, data: bytes, fsync: bool) -> None:
-    """Replace ``path`` with ``data`` so that a reader (or a restart) sees the old or the new file whole."""
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        if fsync:
-            f.flush()
-            os.fsync(f.fileno())
-    os.replace(tmp, path)
-    if fsync:
-        _fsync_dir(path.parent)
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _fsync_all(fds: Sequence[int], dirs: Sequence[Path]) -> None:
-    for fd in fds:
-        os.fsync(fd)
-    for directory in dirs:
-        _fsync_dir(directory)
-
-
-class _SegmentLog:
-    """The segment files of one partition: append framed records, roll, delete consumed segments."""
-
-    def __init__(self, directory: Path, bases: list[int], segment_bytes: int, fsync: bool) -> None:
-        self.directory = directory
-        self.bases = bases
-        """Base offsets of the segment files, oldest first; the last one is the active segment."""
-        self.segment_bytes = segment_bytes
-        self.fsync = fsync
-        self.dir_dirty = False
-        """A segment was created since the directory was last fsync'd."""
-        self.file = self._open_active()
-        self.size = os.fstat(self.file.fileno()).st_size
-
-    @classmethod
-    def open(
-        cls, directory: Path, tp: TopicPartition, keep_from: int, segment_bytes: int, fsync: bool
-    ) -> tuple[_SegmentLog, list[Record], list[int], int]:
-        """Open (or create) a partition's log, recovering the records at or above ``keep_from``.
-
-        Returns the log, the records with their sizes, and the next offset. A torn or corrupt tail is
-        truncated with a warning.
-        """
-        directory.mkdir(parents=True, exist_ok=True)
-        bases = sorted(
-            int(p.name.removesuffix(_SEGMENT_SUFFIX))
-            for p in directory.iterdir()
-            if p.name.endswith(_SEGMENT_SUFFIX) and p.name.removesuffix(_SEGMENT_SUFFIX).isdigit()
-        )
-        # Segments wholly below keep_from were consumed by every group before the last stop.
-        while len(bases) > 1 and bases[1] <= keep_from:
-            (directory / cls.segment_name(bases.pop(0))).unlink()
-        records: list[Record] = []
-        sizes: list[int] = []
-        expected = bases[0] if bases else 0
-        kept = 0
-        for base in bases:
-            if base != expected:  # a gap or an overlap between segments
-                break
-            path = directory / cls.segment_name(base)
-            data = path.read_bytes()
-            valid, expected = _parse_segment(data, tp, expected, keep_from, (records, sizes))
-            kept += 1
-            if valid < len(data):
-                log.warning(
-                    "%s: truncating a torn or corrupt record at byte %d (%d bytes dropped)",
-                    path,
-                    valid,
-                    len(data) - valid,
-                )
-                os.truncate(path, valid)
-                break
-        cls._quarantine(directory, bases[kept:])
-        del bases[kept:]
-        if not bases:
-            bases = [expected]
-        return cls(directory, bases, segment_bytes, fsync), records, sizes, expected
-
-    @classmethod
-    def _quarantine(cls, directory: Path, bases: Sequence[int]) -> None:
-        # Records after a corrupt one cannot be served without a gap in the offsets; keep the files for
-        # forensics under another name instead of deleting them.
-        for base in bases:
-            path = directory / cls.segment_name(base)
-            log.error("%s: follows a corrupt record, set aside as %s.corrupt", path, path.name)
-            path.rename(path.with_name(path.name + ".corrupt"))
-
-    @staticmethod
-    def segment_name(base: int) -> str:
-        """The file name of the segment starting at offset ``base``."""
-        return f"{base:020d}{_SEGMENT_SUFFIX}"
-
-    def _open_active(self) -> io.FileIO:
-        path = self.directory / self.segment_name(self.bases[-1])
-        created = not path.exists()
-        f = io.FileIO(path, "a")
-        if created:
-            self.dir_dirty = True
-        return f
-
-    def append(self, frames: Iterable[tuple[int, list[bytes]]]) -> None:
-        """Write framed records ``(offset, pieces)`` in order, rolling to a new segment when one is full."""
-        chunk: list[bytes] = []
-        chunk_size = 0
-        for offset, pieces in frames:
-            frame_size = sum(len(p) for p in pieces)
-            if self.size + chunk_size > 0 and self.size + chunk_size + frame_size > self.segment_bytes:
-                self._write(chunk, chunk_size)
-                chunk = []
-                chunk_size = 0
-                self._roll(offset)
-            chunk += pieces
-            chunk_size += frame_size
-        self._write(chunk, chunk_size)
-
-    def _write(self, chunk: list[bytes], size: int) -> None:
-        if not size:
-            return
-        data = memoryview(b"".join(chunk))
-        fd = self.file.fileno()
-        while data:
-            data = data[os.write(fd, data) :]
-        self.size += size
-
-    def _roll(self, base: int) -> None:
-        if self.fsync:
-            # Only the active segment is fsync'd after a batch; the one being left behind must be first.
-            os.fsync(self.file.fileno())
-        self.file.close()
-        self.bases.append(base)
-        self.file = self._open_active()
-        self.size = 0
-
-    def delete_below(self, offset: int) -> None:
-        """Delete the segments that hold only records below ``offset`` (never the active one)."""
-        while len(self.bases) > 1 and self.bases[1] <= offset:
-            with contextlib.suppress(FileNotFoundError):
-                (self.directory / self.segment_name(self.bases.pop(0))).unlink()
-
-    def close(self) -> None:
-        """Close the active segment file."""
-        self.file.close()
 
 
 class _Partition:
@@ -359,7 +106,7 @@ class _Partition:
         self.readers: set[MemoryConsumer] = set()
         self.space = asyncio.Event()
         """Set when trimming made room; waiting producers re-check the backlog."""
-        self.log: _SegmentLog | None = None
+        self.log: SegmentLog | None = None
 
     @property
     def end(self) -> int:
@@ -511,7 +258,7 @@ class MemoryBus:
             return
         if self.path is not None:
             try:
-                with _io_errors(f"open the log directory {self.path}"):
+                with io_errors(f"open the log directory {self.path}"):
                     self._open_directory(self.path)
             except BaseException:
                 self._release_files()
@@ -581,7 +328,7 @@ class MemoryBus:
         topic = self._topics.get(name)
         if topic is not None:
             return topic
-        _check_topic_name(name)
+        check_topic_name(name)
         count = self.default_partitions if partitions is None else partitions
         if count < 1:
             raise ValueError(f"topic {name!r}: partitions must be positive, not {count}")
@@ -589,13 +336,13 @@ class MemoryBus:
         topic.partitions = [_Partition(topic, i) for i in range(count)]
         if self.path is not None:
             directory = self.path / "topics" / name
-            with _io_errors(f"create topic {name!r}"):
+            with io_errors(f"create topic {name!r}"):
                 for part in topic.partitions:
                     self._open_log(directory, part, 0)
                 # Written last: a topic directory without it is a creation cut short, ignored on open.
-                _write_atomic(directory / "topic.json", orjson.dumps({"partitions": count}), self.fsync)
+                write_atomic(directory / "topic.json", orjson.dumps({"partitions": count}), self.fsync)
                 if self.fsync:
-                    _fsync_dir(directory.parent)
+                    fsync_dir(directory.parent)
         self._topics[name] = topic
         topic.update_gauge()
         return topic
@@ -605,7 +352,7 @@ class MemoryBus:
 
     def _open_log(self, directory: Path, part: _Partition, keep_from: int) -> None:
         assert self.path is not None
-        part.log, records, sizes, next_offset = _SegmentLog.open(
+        part.log, records, sizes, next_offset = SegmentLog.open(
             directory / str(part.tp.partition), part.tp, keep_from, self.segment_bytes, self.fsync
         )
         part.load(records, sizes, next_offset)
@@ -634,7 +381,7 @@ class MemoryBus:
         headers = tuple(headers)
         record = Record(topic, index, part.next_offset, key, value, headers, time.time_ns() // 1_000_000)
         part.next_offset += 1
-        size = _record_size(key, value, headers)
+        size = record_size(key, value, headers)
         part.retained_bytes += size
         t.retained_bytes += size
         future: asyncio.Future[RecordMetadata] = asyncio.get_running_loop().create_future()
@@ -707,7 +454,7 @@ class MemoryBus:
         try:
             for part, items in batch.items():
                 assert part.log is not None
-                part.log.append((record.offset, _frame(record)) for record, _, _ in items)
+                part.log.append((record.offset, frame(record)) for record, _, _ in items)
         except OSError as exc:
             self._fail(exc, batch)
             return
@@ -723,7 +470,7 @@ class MemoryBus:
                 part.log.dir_dirty = False
                 dirs.append(part.log.directory)
         self._syncing = True
-        synced = asyncio.get_running_loop().run_in_executor(None, _fsync_all, fds, dirs)
+        synced = asyncio.get_running_loop().run_in_executor(None, fsync_all, fds, dirs)
         synced.add_done_callback(partial(self._synced, batch))
 
     def _synced(
@@ -813,7 +560,7 @@ class MemoryBus:
         if auto_offset_reset not in ("earliest", "latest"):
             raise ValueError(f"auto_offset_reset must be 'earliest' or 'latest', not {auto_offset_reset!r}")
         for topic in topics:
-            _check_topic_name(topic)
+            check_topic_name(topic)
         reset: OffsetReset = "earliest" if auto_offset_reset == "earliest" else "latest"
         return MemoryConsumer(self, group, tuple(dict.fromkeys(topics)), reset)
 
@@ -880,8 +627,8 @@ class MemoryBus:
 
     def _save_group(self, group: _Group) -> None:
         if self.path is not None:
-            with _io_errors(f"save the offsets of group {group.name!r}"):
-                _write_atomic(self._group_file(group.name), group.to_json(), self.fsync)
+            with io_errors(f"save the offsets of group {group.name!r}"):
+                write_atomic(self._group_file(group.name), group.to_json(), self.fsync)
 
     def _group_file(self, name: str) -> Path:
         assert self.path is not None
@@ -901,7 +648,7 @@ class MemoryBus:
             raise BusError(f"consumer group {group!r} still has {len(found.members)} member(s)")
         del self._groups[group]
         if self.path is not None:
-            with _io_errors(f"delete group {group!r}"):
+            with io_errors(f"delete group {group!r}"):
                 self._group_file(group).unlink(missing_ok=True)
         for name in found.topics:
             topic = self._topics.get(name)

@@ -57,6 +57,14 @@ class LocalBusConfig(Strict, frozen=True, tag="local", tag_field="kind"):
     """fsync each write: survives a machine crash, not only a process crash, at a cost in throughput."""
 
 
+class KafkaTopicConfig(Strict, frozen=True):
+    """How the Kafka bus creates one topic (unset keys: the bus's defaults)."""
+
+    partitions: int | None = None
+    retention_ms: int | None = None
+    """``retention.ms``; -1 keeps records forever."""
+
+
 class KafkaBusConfig(Strict, frozen=True, tag="kafka", tag_field="kind"):
     """Apache Kafka through aiokafka."""
 
@@ -85,9 +93,19 @@ class KafkaBusConfig(Strict, frozen=True, tag="kafka", tag_field="kind"):
     sasl_mechanism: Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"] | None = None
     sasl_username: str | None = None
     sasl_password: str | None = None
+    retention_ms: int | None = None
+    """``retention.ms`` of the topics the engine creates; None leaves the broker's default."""
+    topics: dict[str, KafkaTopicConfig] = msgspec.field(default_factory=dict)
+    """Per-topic overrides of ``partitions`` and ``retention_ms`` for the topics the engine creates (a
+    dead-letter topic such as ``ticks.dlq`` needs few partitions and a long retention)."""
     journal_path: str | None = None
-    """Where the source side spills records while the broker is unreachable."""
+    """Where records are spilled while the broker does not take them (None: no journal, producers wait
+    for the broker). Relative to the working directory."""
     journal_max_bytes: int = 1024 * 1024 * 1024
+    """Bound on the records held in the journal: past it, producers wait (and the engine says so)."""
+    journal_after_s: float = 2.0
+    """A record the broker has not acknowledged (or the producer not taken) within this many seconds
+    sends the bus to the journal."""
 
 
 BusConfig = MemoryBusConfig | LocalBusConfig | KafkaBusConfig

@@ -80,9 +80,12 @@ class ConsumerModule(Module[S]):
         return self.config.group or self.name
 
     async def on_start(self) -> None:
-        """Join the group and start the consume loop."""
+        """Create the topics and their dead-letter topics, join the group and start the consume loop."""
         for topic in self.topics():
             await self.ctx.bus.create_topic(topic)
+            # Provisioned now, with the bus's settings for it (on Kafka: ``bus.topics."<topic>.dlq"``),
+            # rather than by the first dead letter: a broker's auto-creation would pick its own defaults.
+            await self.ctx.bus.create_topic(topic + DLQ_SUFFIX)
         self._consumer = self.ctx.bus.consumer(self.group, list(self.topics()))
         await self._consumer.start()
         await self.on_assigned(self.consumer)
