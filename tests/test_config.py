@@ -8,7 +8,15 @@ from pathlib import Path
 
 import pytest
 
-from alphaengine.config import ChdbStoreConfig, KafkaBusConfig, LocalBusConfig, MemoryBusConfig, load, loads
+from alphaengine.config import (
+    ChdbStoreConfig,
+    ClickHouseStoreConfig,
+    KafkaBusConfig,
+    LocalBusConfig,
+    MemoryBusConfig,
+    load,
+    loads,
+)
 from alphaengine.errors import ConfigError
 from alphaengine.pipeline.bar_builder import BarBuilderSettings
 
@@ -35,13 +43,27 @@ def test_shipped_configs_are_valid(monkeypatch: pytest.MonkeyPatch) -> None:
     dev = load(REPO / "config" / "dev.toml")
     assert isinstance(dev.app.bus, LocalBusConfig)
     assert isinstance(dev.app.store, ChdbStoreConfig)
-    assert [m.name for m in dev.modules] == ["source", "tick_sink", "bar_builder", "bar_sink", "archiver"]
+    modules = ["source", "tick_sink", "bar_builder", "bar_sink", "archiver", "monitor"]
+    assert [m.name for m in dev.modules] == modules
     for name in ("CLICKHOUSE_PASSWORD", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):
         monkeypatch.setenv(name, "secret")
+    for name in ("CLICKHOUSE_PORT", "KAFKA_PARTITIONS", "ALPHAENGINE_METRICS_PORT", "CLICKHOUSE_SECURE"):
+        monkeypatch.delenv(name, raising=False)
     prod = load(REPO / "config" / "prod.toml")
     assert isinstance(prod.app.bus, KafkaBusConfig)
+    assert isinstance(prod.app.store, ClickHouseStoreConfig)
+    assert (prod.app.store.port, prod.app.store.secure, prod.app.bus.partitions) == (9000, False, 12)
     assert prod.app.metrics.port == 9464
     assert prod.app.admin.socket
+    assert [m.name for m in prod.modules] == modules
+
+    monkeypatch.setenv("CLICKHOUSE_PORT", "19000")
+    monkeypatch.setenv("KAFKA_PARTITIONS", "3")
+    monkeypatch.setenv("ALPHAENGINE_METRICS_PORT", "0")
+    prod = load(REPO / "config" / "prod.toml")
+    assert isinstance(prod.app.store, ClickHouseStoreConfig)
+    assert isinstance(prod.app.bus, KafkaBusConfig)
+    assert (prod.app.store.port, prod.app.bus.partitions, prod.app.metrics.port) == (19000, 3, 0)
 
 
 def test_defaults_and_module_settings_are_typed() -> None:
@@ -84,6 +106,75 @@ def test_environment_interpolation_and_defaults(monkeypatch: pytest.MonkeyPatch)
     )
     assert cfg.app.store.host == "db.internal"  # type: ignore[union-attr]
     assert cfg.app.store.user == "reader"  # type: ignore[union-attr]
+
+
+def test_interpolated_values_take_the_type_of_their_key(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("AE_TEST_PORT", "19000")
+    monkeypatch.setenv("AE_TEST_SECURE", "true")
+    monkeypatch.setenv("AE_TEST_PASSWORD", "12345")
+    monkeypatch.setenv("AE_TEST_INTERVAL", " 5 ")
+    cfg = loads(
+        """
+[metrics]
+port = "${AE_TEST_NOPE:-9464}"
+enabled = "${AE_TEST_NOPE:-false}"
+[admin]
+socket = "var/admin.sock"
+[store]
+kind = "clickhouse"
+port = "${AE_TEST_PORT}"
+secure = "${AE_TEST_SECURE}"
+password = "${AE_TEST_PASSWORD}"
+user = "${AE_TEST_PORT}"
+backoff_initial_s = "${AE_TEST_NOPE:-0.25}"
+[modules.bars]
+type = "bar_builder"
+intervals_s = ["${AE_TEST_INTERVAL}", 60]
+"""
+    )
+    assert (cfg.app.metrics.port, cfg.app.metrics.enabled) == (9464, False)
+    store = cfg.app.store
+    assert isinstance(store, ClickHouseStoreConfig)
+    assert (store.port, store.secure, store.backoff_initial_s) == (19000, True, 0.25)
+    # A string key stays a string, whatever it looks like.
+    assert (store.password, store.user) == ("12345", "19000")
+    settings = cfg.module("bars").settings
+    assert isinstance(settings, BarBuilderSettings)
+    assert settings.intervals_s == (5, 60)
+
+
+def test_a_quoted_number_written_in_the_file_is_still_an_error() -> None:
+    assert problems('[metrics]\nport = "9464"\n[admin]\nsocket = "a.sock"\n') == [
+        "metrics.port: expected int, got str"
+    ]
+
+
+def test_a_failed_conversion_names_the_key_the_variable_and_what_was_expected() -> None:
+    text = """
+[metrics]
+port = "${AE_TEST_PORT}"
+[admin]
+socket = "a.sock"
+[store]
+kind = "clickhouse"
+secure = "${AE_TEST_SECURE}"
+pool_size = "${AE_TEST_NOPE:-four}"
+[modules.bars]
+type = "bar_builder"
+intervals_s = ["${AE_TEST_INTERVAL}"]
+"""
+    found = problems(text, AE_TEST_PORT="http", AE_TEST_SECURE="yes", AE_TEST_INTERVAL="0")
+    assert found == [
+        "metrics.port: expected int, got 'http' from environment variable AE_TEST_PORT",
+        "store.secure: expected bool, got 'yes' from environment variable AE_TEST_SECURE",
+        "store.pool_size: expected int, got 'four' from the default of ${AE_TEST_NOPE:-four}",
+        "modules.bars.intervals_s[0]: expected int >= 1, got '0' from environment variable AE_TEST_INTERVAL",
+    ]
+
+
+def test_an_unset_variable_of_a_typed_key_is_one_problem() -> None:
+    found = problems('[metrics]\nport = "${AE_TEST_UNSET_PORT}"\n[admin]\nsocket = "a.sock"\n')
+    assert found == ["metrics.port: environment variable AE_TEST_UNSET_PORT is not set"]
 
 
 def test_every_error_is_reported_at_once() -> None:

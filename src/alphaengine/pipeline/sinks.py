@@ -21,7 +21,7 @@ from alphaengine.codec import decode_bars, decode_ticks
 from alphaengine.domain import BarBatch, TickBatch
 from alphaengine.errors import AlphaEngineError
 from alphaengine.kernel.module import Context, ModuleSettings
-from alphaengine.metrics import BARS_STORED, TICKS_STORED
+from alphaengine.metrics import BARS_STORED, TICK_STORE_LATENCY, TICKS_STORED, observe_many
 from alphaengine.pipeline.consumer import ConsumerModule, ConsumerSettings
 
 
@@ -116,9 +116,15 @@ class TickSink(TableSink[TickBatch]):
         return decode_ticks(value)
 
     def count(self, rows: pa.Table) -> None:
-        """Count stored ticks per symbol."""
+        """Count stored ticks per symbol, and observe each one's latency from receive time to now.
+
+        Called as the insert returns, so ``now - recv_ns`` is how long a trade took from the source to the
+        store (``alphaengine_tick_store_latency_seconds``).
+        """
         for item in pc.value_counts(rows.column("symbol")).to_pylist():
             TICKS_STORED.labels(item["values"]).inc(item["counts"])
+        recv_ns = rows.column("recv_ns").to_numpy()
+        observe_many(TICK_STORE_LATENCY, (self.ctx.clock.now_ns() - recv_ns) / 1e9)
 
 
 class BarSink(TableSink[BarBatch]):

@@ -119,10 +119,29 @@ FEED_GAPS = TableSpec(
     ),
 )
 
+DIAGNOSTICS = TableSpec(
+    name="diagnostics",
+    columns=(
+        _TS,
+        Column("engine", "String", pa.string()),
+        Column("metric", "String", pa.string()),
+        Column("label", "String", pa.string()),
+        _i64("ts_ns"),
+        _f64("value"),
+    ),
+    key=("engine", "metric", "label", "ts_ns"),
+    doc=(
+        "Samples of the engine's own health, recorded by the monitor module every few seconds, once per "
+        "(engine, metric, label, ts_ns): label is what the value is about (a symbol, a consumer, a table, "
+        "or empty). Aged out by the monitor after its retention; see alphaengine.pipeline.monitor."
+    ),
+)
+
 MIGRATIONS: tuple[Migration, ...] = (
     Migration(1, "ticks and bars", tables=(TICKS, BARS)),
     Migration(2, "archive manifest", tables=(ARCHIVE_MANIFEST,)),
     Migration(3, "feed gaps", tables=(FEED_GAPS,)),
+    Migration(4, "diagnostics", tables=(DIAGNOSTICS,)),
 )
 """Every schema change in order; a store applies those whose version it has not recorded."""
 
