@@ -135,6 +135,7 @@ class LoopLagProbe:
             EVENT_LOOP_LAG_HIST.observe(lag)
             self.samples.append(lag)
 
+
 # -- live market-data feeds (WebSocket sources and their REST backfill) ---------------------------------
 FEED_CONNECTS = Counter(
     "alphaengine_feed_connects_total", "WebSocket connections a feed opened successfully.", ["source"]

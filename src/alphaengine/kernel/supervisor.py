@@ -2,8 +2,9 @@
 
 A module whose task raises is aborted (its tasks cancelled, nothing drained: its consumers resume from
 their committed offsets), then rebuilt from its class and configuration after a capped exponential
-backoff with jitter. More than ``max_restarts`` failures within ``restart_window_s`` and the module stays
-FAULTED until an operator acts; the other modules keep running either way.
+backoff with jitter. More than ``max_restarts`` failures within ``restart_window_s``, or one failure with an
+error that says retrying cannot succeed (``retriable = False``, such as refused credentials), and the
+module stays FAULTED until an operator acts; the other modules keep running either way.
 
 Restart timing is an operational concern, not market time, so it uses the event loop's monotonic clock
 rather than the injected market clock (a simulated clock would never wake a restart).
@@ -150,15 +151,21 @@ class Supervisor:
             slot.failures.popleft()
         if self._stopping:
             return
-        if len(slot.failures) > self.settings.max_restarts:
+        hopeless = getattr(exc, "retriable", True) is False
+        if hopeless or len(slot.failures) > self.settings.max_restarts:
             slot.gave_up = True
-            log.error(
-                "module %s failed %d times within %.0f s: it stays FAULTED (last error: %s)",
-                slot.name,
-                len(slot.failures),
-                self.settings.restart_window_s,
-                slot.last_error,
-            )
+            if hopeless:
+                # The error says a retry cannot succeed (refused credentials, a bad configuration):
+                # restarting would only repeat it, and against an exchange that looks like an attack.
+                log.error("module %s failed and will not be restarted: %s", slot.name, slot.last_error)
+            else:
+                log.error(
+                    "module %s failed %d times within %.0f s: it stays FAULTED (last error: %s)",
+                    slot.name,
+                    len(slot.failures),
+                    self.settings.restart_window_s,
+                    slot.last_error,
+                )
             slot.restart_task = asyncio.get_running_loop().create_task(
                 slot.instance.abort(), name=f"abort:{slot.name}"
             )

@@ -250,8 +250,8 @@ class BinanceTradeParser:
 
     def _reject_rows(self, reason: str, mask: npt.NDArray[np.bool_], columns: list[list[Any]]) -> None:
         first = int(np.argmax(mask))
-        s, t, ts, p, q, m = (c[first] for c in columns)
-        detail = f"s={s!r} t={t!r} T={ts!r} p={p!r} q={q!r} m={m!r}"
+        s, t, ts, p, q, m = (describe_value(c[first]) for c in columns)
+        detail = f"s={s} t={t} T={ts} p={p} q={q} m={m}"
         self.reject(reason, detail, int(mask.sum()))
 
 
@@ -277,16 +277,16 @@ _FIELD_TYPES: Final = (str, int, int, str, str, bool)
 def _convert(columns: list[list[Any]]) -> _Converted | None:
     """The six trade fields as arrays, or None if some value has the wrong JSON type.
 
-    Most checks come with the conversion: Arrow and polars refuse a non-string in a string column,
-    numpy gives a bool column only when every value is a bool. Integers need an explicit look because
-    numpy would take a bool, a float or a numeric string for one.
+    Most checks come with the conversion: Arrow and polars refuse a non-string in a string column.
+    Integers and booleans need an explicit look because numpy would take a bool, a float or a numeric
+    string for an integer, and build a 2-D array from lists of booleans.
     """
     syms, ids, times, prices, qtys, makers = columns
     if set(map(type, ids)) != {int} or set(map(type, times)) != {int}:
         return None
-    maker = np.array(makers)
-    if maker.dtype != np.bool_:
+    if set(map(type, makers)) != {bool}:
         return None
+    maker = np.array(makers, dtype=np.bool_)
     try:
         symbol = pa.array(syms, type=pa.string())
         price = pl.Series(prices, dtype=pl.String)
@@ -322,6 +322,15 @@ def _decimals(values: pl.Series) -> npt.NDArray[np.float64]:
 
 def _compress(values: list[Any], keep: npt.NDArray[np.bool_]) -> list[Any]:
     return [v for v, k in zip(values, keep.tolist(), strict=True) if k]
+
+
+def describe_value(value: Any) -> str:
+    """A short repr of a decoded JSON value for the log, also of one nested too deep to repr."""
+    try:
+        text = repr(value)
+    except RecursionError:
+        return f"<{type(value).__name__} nested too deep to show>"
+    return text[:_EXCERPT_CHARS] + ("..." if len(text) > _EXCERPT_CHARS else "")
 
 
 def _excerpt(raw: bytes | str) -> str:

@@ -107,6 +107,9 @@ class FeedSettings(SourceSettings, frozen=True, kw_only=True):
     """Warn when the lower envelope of receive minus exchange time is beyond this, either way."""
     log_interval_s: Annotated[float, msgspec.Meta(gt=0.0)] = 10.0
     """At most one log line per reason per interval for rejected input."""
+    max_messages_per_s: Annotated[int, msgspec.Meta(gt=0)] = 4
+    """Messages the source sends per second and connection at most (pongs, pings, subscriptions):
+    Binance disconnects above 5."""
 
 
 def redact(url: str | URL) -> str:
@@ -123,6 +126,33 @@ def _secret(key: str) -> bool:
     return any(word in lowered for word in ("token", "key", "secret", "signature", "password"))
 
 
+class MessageBudget:
+    """At most ``per_s`` messages in any one-second window: :meth:`acquire` waits for a free slot."""
+
+    def __init__(self, per_s: int, clock: Clock) -> None:
+        self.per_s = per_s
+        self.clock = clock
+        self._sent: deque[int] = deque()
+
+    def _expire(self, now_ns: int) -> None:
+        while self._sent and self._sent[0] <= now_ns - 1_000_000_000:
+            self._sent.popleft()
+
+    def try_acquire(self, reserve: int = 0) -> bool:
+        """Take a slot if one is free now and ``reserve`` more stay free for others."""
+        now = self.clock.now_ns()
+        self._expire(now)
+        if len(self._sent) + reserve >= self.per_s:
+            return False
+        self._sent.append(now)
+        return True
+
+    async def acquire(self) -> None:
+        """Take a slot, waiting until one frees up."""
+        while not self.try_acquire():
+            await self.clock.sleep(max(0.001, (self._sent[0] + 1_000_000_000 - self.clock.now_ns()) / 1e9))
+
+
 class FrameBuffer:
     """Frames received by any connection of a source, waiting to be parsed in bulk.
 
@@ -133,7 +163,7 @@ class FrameBuffer:
 
     def __init__(self, max_frames: int) -> None:
         self.max_frames = max_frames
-        self._frames: list[bytes | str] = []
+        self._frames: list[bytes] = []
         self._recv_ns: list[int] = []
         self._ready = asyncio.Event()
         self._space = asyncio.Event()
@@ -144,7 +174,7 @@ class FrameBuffer:
     def __len__(self) -> int:
         return len(self._frames)
 
-    async def put(self, frame: bytes | str, recv_ns: int) -> None:
+    async def put(self, frame: bytes, recv_ns: int) -> None:
         """Add one frame; waits while the buffer is full."""
         while len(self._frames) >= self.max_frames:
             self._space.clear()
@@ -154,7 +184,7 @@ class FrameBuffer:
         self._ready.set()
         self._empty.clear()
 
-    async def take(self) -> tuple[list[bytes | str], list[int]]:
+    async def take(self) -> tuple[list[bytes], list[int]]:
         """Every waiting frame and its receive time; waits until there is at least one."""
         while not self._frames:
             self._ready.clear()
@@ -228,6 +258,8 @@ class FeedConnection:
         self._frames_metric = FEED_FRAMES.labels(source)
         self.delivering = asyncio.Event()
         """Set when the first data frame has arrived."""
+        self.budget = MessageBudget(settings.max_messages_per_s, clock)
+        """Every message this connection sends goes through it."""
 
     @property
     def closed(self) -> bool:
@@ -235,18 +267,26 @@ class FeedConnection:
         return self._close_reason is not None or self.ws.closed
 
     async def send_str(self, text: str) -> None:
-        """Send a text frame (a subscription message)."""
+        """Send a text frame (a subscription message), within the message budget."""
+        await self.budget.acquire()
         await self.ws.send_str(text)
 
-    async def run(self, buffer: FrameBuffer, on_frame: Callable[[bytes | str], None] | None = None) -> str:
+    async def run(
+        self,
+        buffer: FrameBuffer,
+        *,
+        on_binary: Callable[[bytes], None],
+        on_frame: Callable[[bytes], None] | None = None,
+    ) -> str:
         """Read until the connection ends; return why (one of the disconnect reasons).
 
-        ``on_frame`` sees every data frame before it is buffered (cheap checks such as spotting a
-        ``serverShutdown`` event); it must not block.
+        Text frames go to ``buffer``. Binary frames (the providers send none) go to ``on_binary`` instead,
+        for the source to reject. ``on_frame`` sees every text frame before it is buffered (cheap checks
+        such as spotting a ``serverShutdown`` event); neither callback may block.
         """
         watchdog = asyncio.get_running_loop().create_task(self._watchdog(), name=f"{self.source}:watchdog")
         try:
-            reason = await self._read(buffer, on_frame)
+            reason = await self._read(buffer, on_binary, on_frame)
         finally:
             watchdog.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -256,7 +296,12 @@ class FeedConnection:
         self.health.closed_reason = final
         return final
 
-    async def _read(self, buffer: FrameBuffer, on_frame: Callable[[bytes | str], None] | None) -> str:
+    async def _read(
+        self,
+        buffer: FrameBuffer,
+        on_binary: Callable[[bytes], None],
+        on_frame: Callable[[bytes], None] | None,
+    ) -> str:
         ws = self.ws
         health = self.health
         clock = self.clock
@@ -277,6 +322,9 @@ class FeedConnection:
                 health.frames += 1
                 health.bytes += len(data)
                 self._frames_metric.inc()
+                if kind is binary:
+                    on_binary(data)
+                    continue
                 self.delivering.set()
                 if on_frame is not None:
                     on_frame(data)
@@ -286,8 +334,11 @@ class FeedConnection:
                 # minimum the protocol requires, and it must echo the payload.
                 health.last_frame_ns = now
                 health.pings_answered += 1
-                if not ws.closed:
+                await self.budget.acquire()
+                try:
                     await ws.pong(msg.data)
+                except (ConnectionError, aiohttp.ClientError):
+                    return DROPPED  # the peer went away while the pong waited for its slot
             elif kind is pong:
                 health.last_frame_ns = now
             elif kind is aiohttp.WSMsgType.ERROR:
@@ -323,7 +374,12 @@ class FeedConnection:
                 )
                 await self.close(IDLE_TIMEOUT)
                 return
-            if quiet >= heartbeat_ns and now - last_ping_ns >= heartbeat_ns:
+            # A heartbeat is optional: it is skipped unless a slot stays free for a pong.
+            if (
+                quiet >= heartbeat_ns
+                and now - last_ping_ns >= heartbeat_ns
+                and self.budget.try_acquire(reserve=1)
+            ):
                 last_ping_ns = now
                 self.health.pings_sent += 1
                 with contextlib.suppress(ConnectionError, RuntimeError):
