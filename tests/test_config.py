@@ -47,7 +47,15 @@ def test_shipped_configs_are_valid(monkeypatch: pytest.MonkeyPatch) -> None:
     assert [m.name for m in dev.modules] == modules
     for name in ("CLICKHOUSE_PASSWORD", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):
         monkeypatch.setenv(name, "secret")
-    for name in ("CLICKHOUSE_PORT", "KAFKA_PARTITIONS", "ALPHAENGINE_METRICS_PORT", "CLICKHOUSE_SECURE"):
+    for name in (
+        "CLICKHOUSE_PORT",
+        "KAFKA_PARTITIONS",
+        "ALPHAENGINE_METRICS_PORT",
+        "CLICKHOUSE_SECURE",
+        "ALPHAENGINE_BINANCE",
+        "ALPHAENGINE_FINNHUB",
+        "ALPHAENGINE_SYNTHETIC",
+    ):
         monkeypatch.delenv(name, raising=False)
     prod = load(REPO / "config" / "prod.toml")
     assert isinstance(prod.app.bus, KafkaBusConfig)
@@ -55,12 +63,18 @@ def test_shipped_configs_are_valid(monkeypatch: pytest.MonkeyPatch) -> None:
     assert (prod.app.store.port, prod.app.store.secure, prod.app.bus.partitions) == (9000, False, 12)
     assert prod.app.metrics.port == 9464
     assert prod.app.admin.socket
-    assert [m.name for m in prod.modules] == modules
+    sources = ["binance", "finnhub", "synthetic"]
+    assert [m.name for m in prod.modules] == sources + modules[1:]
+    # Live Binance by default; the others are there to be switched on from the environment.
+    assert [m.name for m in prod.modules if m.enabled] == ["binance", *modules[1:]]
 
     monkeypatch.setenv("CLICKHOUSE_PORT", "19000")
     monkeypatch.setenv("KAFKA_PARTITIONS", "3")
     monkeypatch.setenv("ALPHAENGINE_METRICS_PORT", "0")
+    monkeypatch.setenv("ALPHAENGINE_BINANCE", "false")
+    monkeypatch.setenv("ALPHAENGINE_SYNTHETIC", "true")
     prod = load(REPO / "config" / "prod.toml")
+    assert [m.name for m in prod.modules if m.enabled] == ["synthetic", *modules[1:]]
     assert isinstance(prod.app.store, ClickHouseStoreConfig)
     assert isinstance(prod.app.bus, KafkaBusConfig)
     assert (prod.app.store.port, prod.app.bus.partitions, prod.app.metrics.port) == (19000, 3, 0)

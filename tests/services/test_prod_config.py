@@ -1,8 +1,9 @@
 """`alphaengine run --config config/prod.toml` against the local services, as README.md shows it.
 
 The shipped production file, unchanged, with its environment taken from the services' env file (Kafka,
-ClickHouse, S3) plus what README.md says to set: a data directory, the ClickHouse user, and a free metrics
-port. The test's own ClickHouse database and S3 bucket keep it apart from other runs on the same services.
+ClickHouse, S3) plus what README.md says to set: a data directory, the ClickHouse user, a free metrics
+port, and the synthetic market in place of the live feed. The test's own ClickHouse database and S3
+bucket keep it apart from other runs on the same services.
 """
 
 from __future__ import annotations
@@ -35,6 +36,9 @@ def prod_env(services_env: dict[str, str], data_dir: Path) -> dict[str, str]:
         "S3_BUCKET": f"prod-test-{suffix}",
         "ALPHAENGINE_METRICS_PORT": "0",
         "ALPHAENGINE_METRICS_HOST": "127.0.0.1",
+        # No internet here: the synthetic market stands in for the live Binance feed, as README.md says.
+        "ALPHAENGINE_BINANCE": "false",
+        "ALPHAENGINE_SYNTHETIC": "true",
     }
 
 

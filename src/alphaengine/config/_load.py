@@ -128,7 +128,8 @@ def _load_modules(
             )
             continue
         if not isinstance(enabled, bool):
-            problems.append(f"{path}.enabled: expected a boolean, got {type(enabled).__name__}")
+            if f"{path}.enabled" not in problems.interpolation_failed:  # else already reported
+                problems.append(f"{path}.enabled: expected a boolean, got {type(enabled).__name__}")
             continue
         try:
             config_type = resolver(type_name)

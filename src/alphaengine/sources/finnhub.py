@@ -40,7 +40,7 @@ import pyarrow as pa
 from yarl import URL
 
 from alphaengine.domain import TICK_SCHEMA, TickBatch
-from alphaengine.errors import FeedError, StoreError
+from alphaengine.errors import FeedAuthError, FeedError, StoreError
 from alphaengine.kernel.module import Context, ModuleSettings
 from alphaengine.metrics import FEED_BACKFILLED, FEED_SYMBOL_IDLE
 from alphaengine.sources.base import TickSource
@@ -72,8 +72,9 @@ class FinnhubSettings(FeedSettings, frozen=True, kw_only=True):
 
     ws_url: str = "wss://ws.finnhub.io"
     """WebSocket endpoint; ``?token=`` is appended."""
-    token: Annotated[str, msgspec.Meta(min_length=1)]
-    """The API key (put ``token = "${FINNHUB_TOKEN}"`` in the file; it is never logged)."""
+    token: str
+    """The API key (``token = "${FINNHUB_TOKEN}"``; never logged). May be empty in a file where the
+    module is disabled; an enabled module with an empty token fails at start."""
     binance_rest_url: str | None = "https://api.binance.com"
     """Where ``BINANCE:`` symbols' disconnected windows are backfilled from; empty or None: not at all."""
     heartbeat_s: Annotated[float, msgspec.Meta(gt=0.0)] = 15.0
@@ -149,6 +150,8 @@ class FinnhubSource(TickSource[FinnhubSettings]):
     async def on_start(self) -> None:
         """Open the HTTP session, continue id numbering from the store, connect and start pumping."""
         cfg = self.config
+        if not cfg.token:
+            raise FeedAuthError(f"{self.name}: token is empty: set it (FINNHUB_TOKEN in config/prod.toml)")
         self._session = aiohttp.ClientSession()
         if cfg.binance_rest_url:
             self._rest = BinanceRestClient(
