@@ -367,3 +367,24 @@ async def test_a_restart_resumes_after_the_highest_stored_id(live_ctx: Context) 
 
     assert contiguous(await drain(live_ctx), "BTCUSDT", 1100, 1399)
     assert src.gaps.recorded[0].from_value == 1100
+
+
+async def test_aggregate_trade_streams_are_sequenced_and_backfilled_too(live_ctx: Context) -> None:
+    """``stream = "aggTrade"``: the real BTCUSDT aggregates with drops; aggregate ids contiguous, each once,
+    and together they hold exactly the volume of the recorded trades."""
+    tape = btc_tape()
+    history = tape.history("BTCUSDT")
+    first, n = history.first_agg_id, history.n_aggregates
+    async with FakeBinance(tape, speed=60.0) as fake:
+        src = source(live_ctx, fake, stream="aggTrade")
+        fake.drop_every(1.5)
+        await run_until_caught_up(src, fake, first + n - 1, timeout_s=60.0)
+        rest_requests = fake.stats.requests
+
+    stored = await drain(live_ctx)
+    assert contiguous(stored, "BTCUSDT", first, first + n - 1)
+    assert n < 19_904
+    recorded_volume = sum(float(tape.trade(g).qty) for g in range(len(tape)))
+    assert stored.np("qty").sum() == pytest.approx(recorded_volume, rel=1e-12)
+    assert rest_requests[("/api/v3/aggTrades", 200)] >= 1
+    assert ("/api/v3/historicalTrades", 200) not in rest_requests

@@ -195,6 +195,20 @@ FEED_UNFILLED_TRADES = Counter(
     ["source", "symbol"],
 )
 
+REST_REQUESTS = Counter(
+    "alphaengine_rest_requests_total",
+    "REST requests answered (status = HTTP code) or failed without an answer (status = error).",
+    ["source", "endpoint", "status"],
+)
+REST_WEIGHT_USED = Gauge(
+    "alphaengine_rest_weight_used", "Request weight used in the exchange's current minute.", ["source"]
+)
+REST_THROTTLED = Counter(
+    "alphaengine_rest_throttled_total",
+    "Answers that told the client to slow down (429, 418).",
+    ["source", "status"],
+)
+
 
 def observe_many(histogram: Histogram, values: npt.NDArray[np.float64]) -> None:
     """Observe many values at once into a label-less histogram child (``metric.labels(...)``).

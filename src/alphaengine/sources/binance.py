@@ -16,7 +16,8 @@ Message classes:
 * a trade (``"e": "trade"``, or any payload on a ``...@trade`` stream) becomes a tick: venue
   ``BINANCE``, ``symbol`` = ``s``, ``trade_id`` = ``t``, ``ts_ns`` = ``T`` ms x 1e6, the receive time
   given, ``price``/``qty`` from the decimal strings ``p``/``q``, ``side`` = -1 if ``m`` (the buyer was
-  the maker, so the taker sold) else +1;
+  the maker, so the taker sold) else +1. A parser made with ``event="aggTrade"`` takes aggregate trades
+  (``"e": "aggTrade"``, ``...@aggTrade`` streams) instead, the aggregate id ``a`` as ``trade_id``;
 * any other well-formed JSON object (bookTicker, depth diffs, the REST depth snapshot, subscribe results,
   ``serverShutdown``) is *ignored*: counted in :attr:`ParseStats.ignored`, not an error;
 * everything else is *rejected* with one of :data:`REJECT_REASONS`, counted in
@@ -30,7 +31,7 @@ import logging
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from operator import itemgetter
-from typing import Any, Final
+from typing import Any, Final, Literal
 
 import numpy as np
 import numpy.typing as npt
@@ -64,6 +65,7 @@ _MAX_MS: Final = (2**63 - 1) // 1_000_000
 _INT64_LIMIT: Final = 2**63
 _EXCERPT_CHARS: Final = 200
 _FIELDS = itemgetter("s", "t", "T", "p", "q", "m")
+_AGG_FIELDS = itemgetter("s", "a", "T", "p", "q", "m")
 
 
 @dataclass(slots=True)
@@ -128,8 +130,14 @@ class BinanceTradeParser:
         clock: Clock | None = None,
         log: logging.Logger | None = None,
         log_interval_s: float = 10.0,
+        event: Literal["trade", "aggTrade"] = "trade",
     ) -> None:
         self.source = source
+        self.event = event
+        """``trade``: ``<symbol>@trade`` messages; ``aggTrade``: ``<symbol>@aggTrade`` messages, whose
+        aggregate id ``a`` becomes the tick's ``trade_id`` (aggregate ids are contiguous per symbol too)."""
+        self._suffix = f"@{event}"
+        self._fields = _FIELDS if event == "trade" else _AGG_FIELDS
         self.stats = ParseStats()
         self.rejects = RejectCounter(
             source, log or logging.getLogger(f"alphaengine.{source}"), clock or LiveClock(), log_interval_s
@@ -149,7 +157,9 @@ class BinanceTradeParser:
         Other messages are ignored or rejected: counted, never raised.
         """
         loads = orjson.loads
-        fields = _FIELDS
+        fields = self._fields
+        event = self.event
+        suffix = self._suffix
         syms: list[Any] = []
         ids: list[Any] = []
         times: list[Any] = []
@@ -168,14 +178,14 @@ class BinanceTradeParser:
             try:
                 # A combined-stream wrapper carries the payload under "data"; a raw stream sends it bare.
                 data = obj["data"] if "stream" in obj else obj
-                is_trade = data["e"] == "trade"
+                is_trade = data["e"] == event
             except (KeyError, TypeError):
                 is_trade = False
             if not is_trade:
                 if not isinstance(obj, dict):
                     self.reject(MALFORMED_JSON, _excerpt(raw))
                     continue
-                if not _on_trade_stream(obj):
+                if not _on_stream(obj, suffix):
                     ignored += 1
                     continue
                 # The wrapper names a trade stream: what it carries must be a trade, even without "e".
@@ -255,12 +265,12 @@ class BinanceTradeParser:
         self.reject(reason, detail, int(mask.sum()))
 
 
-def _on_trade_stream(obj: Any) -> bool:
-    """Whether a combined-stream wrapper names a ``@trade`` stream (its payload must then be a trade)."""
+def _on_stream(obj: Any, suffix: str) -> bool:
+    """Whether a combined-stream wrapper names a stream of the parsed kind (its payload must then be one)."""
     if not isinstance(obj, dict):
         return False
     stream = obj.get("stream")
-    return isinstance(stream, str) and stream.endswith("@trade")
+    return isinstance(stream, str) and stream.endswith(suffix)
 
 
 _Converted = tuple[

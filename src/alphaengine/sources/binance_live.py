@@ -1,10 +1,10 @@
 """The live Binance source: spot ``<symbol>@trade`` combined streams, with REST backfill of every gap.
 
-Streams are subscribed in the connection URL (``/stream?streams=btcusdt@trade/...``), so the source sends
-no subscribe messages at all: the only messages it sends are one pong per server ping (echoing its
-payload) and a ping of its own when a connection has been quiet for ``heartbeat_s``, far below Binance's
-5 incoming messages per second. Symbols are spread over connections of at most ``streams_per_connection``
-streams (Binance allows 1024).
+Streams (``<symbol>@trade``, or ``<symbol>@aggTrade`` with ``stream = "aggTrade"``) are subscribed in
+the connection URL (``/stream?streams=btcusdt@trade/...``), so the source sends no subscribe messages at
+all: the only messages it sends are one pong per server ping (echoing its payload) and a ping of its own
+when a connection has been quiet for ``heartbeat_s``, far below Binance's 5 incoming messages per second.
+Symbols are spread over connections of at most ``streams_per_connection`` streams (Binance allows 1024).
 
 Each connection is *rotated* make-before-break: before the 24-hour cut (``max_connection_age_s``) and when
 the server announces ``serverShutdown``, a new connection is opened, and the old one is closed only once the
@@ -22,7 +22,7 @@ import contextlib
 import dataclasses
 from collections import deque
 from collections.abc import AsyncIterator
-from typing import Annotated, Any, ClassVar
+from typing import Annotated, Any, ClassVar, Literal
 
 import aiohttp
 import msgspec
@@ -64,6 +64,10 @@ class BinanceSettings(FeedSettings, frozen=True, kw_only=True):
     """Market-data WebSocket base; ``/stream?streams=...`` is appended."""
     rest_url: str = "https://api.binance.com"
     """REST base for backfill (``/api/v3/historicalTrades``)."""
+    stream: Literal["trade", "aggTrade"] = "trade"
+    """``trade``: every trade (``<symbol>@trade``, backfilled by ``historicalTrades``); ``aggTrade``:
+    aggregate trades (``<symbol>@aggTrade``, fewer messages; backfilled by ``aggTrades``), stored with the
+    aggregate id as ``trade_id``. Do not switch an existing store between the two: the ids differ."""
     api_key: str | None = None
     """Sent as ``X-MBX-APIKEY`` to REST when set (from an environment variable, never logged)."""
     streams_per_connection: Annotated[int, msgspec.Meta(ge=1, le=1024)] = 200
@@ -99,7 +103,7 @@ class BinanceSource(TickSource[BinanceSettings]):
         super().__init__(name, config, ctx)
         self.symbols = tuple(s.upper() for s in config.symbols)
         self.parser = BinanceTradeParser(
-            name, clock=ctx.clock, log=self.log, log_interval_s=config.log_interval_s
+            name, clock=ctx.clock, log=self.log, log_interval_s=config.log_interval_s, event=config.stream
         )
         self.latency = LatencyTracker(name, ctx.clock, self.log, config.clock_skew_warn_s)
         self.gaps = GapRecorder(name, ctx.store, ctx.clock, self.log)
@@ -231,7 +235,7 @@ class BinanceSource(TickSource[BinanceSettings]):
 
     async def _run_all(self) -> None:
         per = self.config.streams_per_connection
-        streams = [f"{s.lower()}@trade" for s in self.symbols]
+        streams = [f"{s.lower()}@{self.config.stream}" for s in self.symbols]
         groups = [streams[i : i + per] for i in range(0, len(streams), per)]
         slots = [asyncio.ensure_future(self._run_slot(group)) for group in groups]
         # Owned by the module: if one of them raises, the module fails and the supervisor restarts it.
@@ -436,7 +440,10 @@ class BinanceSource(TickSource[BinanceSettings]):
         batch: TickBatch | None = None
         error = ""
         try:
-            batch = await rest.trades_between_ids(request.symbol, request.first_id, last)
+            if self.config.stream == "trade":
+                batch = await rest.trades_between_ids(request.symbol, request.first_id, last)
+            else:
+                batch = await rest.aggregates_between_ids(request.symbol, request.first_id, last)
         except (RestError, FeedError) as exc:
             error = str(exc)
             self.log.warning("%s: backfill of %s failed: %s", self.name, request, exc)

@@ -41,28 +41,14 @@ import numpy as np
 import numpy.typing as npt
 import orjson
 import pyarrow as pa
-from prometheus_client import Counter, Gauge
 
 from alphaengine.backoff import Backoff
 from alphaengine.clock import Clock, LiveClock
 from alphaengine.domain import SIDE_BUY, SIDE_SELL, TickBatch
 from alphaengine.errors import FeedAuthError, RestError
+from alphaengine.metrics import REST_REQUESTS, REST_THROTTLED, REST_WEIGHT_USED
+from alphaengine.sources.binance import VENUE
 
-REST_REQUESTS = Counter(
-    "alphaengine_rest_requests_total",
-    "REST requests answered (status = HTTP code) or failed without an answer (status = error).",
-    ["source", "endpoint", "status"],
-)
-REST_WEIGHT_USED = Gauge(
-    "alphaengine_rest_weight_used", "Request weight used in the exchange's current minute.", ["source"]
-)
-REST_THROTTLED = Counter(
-    "alphaengine_rest_throttled_total",
-    "Answers that told the client to slow down (429, 418).",
-    ["source", "status"],
-)
-
-VENUE: Final = "BINANCE"
 MAX_LIMIT: Final = 1000
 """The most rows one historicalTrades or aggTrades request returns."""
 WEIGHT_HISTORICAL_TRADES: Final = 25
@@ -144,6 +130,20 @@ class AggTrades:
 
     def __len__(self) -> int:
         return len(self.agg_id)
+
+    def as_ticks(self) -> TickBatch:
+        """The aggregates as ticks (venue ``BINANCE``), the aggregate id as ``trade_id``."""
+        n = len(self)
+        return TickBatch.from_columns(
+            venue=VENUE,
+            symbol=self.symbol,
+            trade_id=self.agg_id,
+            ts_ns=self.ts_ns,
+            recv_ns=np.full(n, self.recv_ns, dtype=np.int64),
+            price=self.price,
+            qty=self.qty,
+            side=self.side,
+        )
 
 
 class BinanceRestClient:
@@ -289,6 +289,26 @@ class BinanceRestClient:
             if len(page) < want:
                 break
             from_id = int(ids[-1]) + 1
+        return _concat(pages)
+
+    async def aggregates_between_ids(self, symbol: str, first_id: int, last_id: int) -> TickBatch:
+        """Every aggregate trade of ``symbol`` with ``first_id <= a <= last_id``, as ticks.
+
+        The ``trade_id`` of each tick is the aggregate id; like :meth:`trades_between_ids`, the result can
+        end before ``last_id``.
+        """
+        pages: list[TickBatch] = []
+        from_id = first_id
+        while from_id <= last_id:
+            want = min(MAX_LIMIT, last_id - from_id + 1)
+            page = await self.agg_trades(symbol, from_id=from_id, limit=want)
+            if not len(page):
+                break
+            batch = page.as_ticks()
+            pages.append(_keep(batch, page.agg_id <= last_id))
+            if len(page) < want:
+                break
+            from_id = int(page.agg_id[-1]) + 1
         return _concat(pages)
 
     async def trades_between_times(self, symbol: str, start_ms: int, end_ms: int) -> TickBatch:
