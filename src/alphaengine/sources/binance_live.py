@@ -447,6 +447,9 @@ class BinanceSource(TickSource[BinanceSettings]):
         except (RestError, FeedError) as exc:
             error = str(exc)
             self.log.warning("%s: backfill of %s failed: %s", self.name, request, exc)
+        except Exception as exc:  # a bug must not leave the gap waiting forever on a dead request
+            error = f"{type(exc).__name__}: {exc}"
+            self.log.exception("%s: backfill of %s failed unexpectedly", self.name, request)
         self._emit(sequencer.backfilled(request, batch, self.ctx.clock.now_ns(), error))
 
     # -- introspection ----------------------------------------------------------------------------

@@ -418,12 +418,18 @@ class FinnhubSource(TickSource[FinnhubSettings]):
         generation = lane.disconnects
         try:
             fetched = await rest.trades_between_times(lane.symbol, start_ms, lane.window_to_ms)
-        except FeedError as exc:
+        except Exception as exc:  # REST errors, and a bug must not leave the window open forever
             lane.backfilling = False
             if generation != lane.disconnects:
                 return
             lane.attempts += 1
-            self.log.warning("%s: backfill of %s failed: %s", self.name, lane.finnhub_symbol, exc)
+            self.log.warning(
+                "%s: backfill of %s failed: %s",
+                self.name,
+                lane.finnhub_symbol,
+                exc,
+                exc_info=not isinstance(exc, FeedError),
+            )
             if lane.attempts >= self.config.backfill_attempts:
                 self._close_window(lane, None, str(exc))
             return
