@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator, Callable
-from pathlib import Path
 from typing import Any
 
 import msgspec
@@ -13,32 +11,16 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
-from alphaengine.bus.memory import MemoryBus
-from alphaengine.clock import LiveClock
-from alphaengine.codec import decode_ticks
 from alphaengine.domain import TickBatch
 from alphaengine.kernel.module import Context, ModuleState
-from alphaengine.objectstore.memory import MemoryObjectStore
 from alphaengine.sources.binance_live import BinanceSettings, BinanceSource
 from alphaengine.store import TICKS
-from alphaengine.store.memory import MemoryStore
 from alphaengine.testing import FakeBinance, Tape
 from tests.conftest import real_file
+from tests.feeds import drain, eventually
 
 FIRST_ID = 3735683259
 LAST_ID = 3735703162
-
-
-@pytest.fixture
-async def live_ctx(tmp_path: Path) -> AsyncIterator[Context]:
-    bus, store, objects = MemoryBus(), MemoryStore(), MemoryObjectStore()
-    await bus.start()
-    await store.start()
-    await objects.start()
-    yield Context(bus=bus, store=store, objects=objects, clock=LiveClock(), data_dir=tmp_path)
-    await objects.close()
-    await store.close()
-    await bus.close()
 
 
 def btc_tape() -> Tape:
@@ -66,25 +48,6 @@ def source(ctx: Context, fake: FakeBinance, **settings: Any) -> BinanceSource:
     return BinanceSource("binance", config, ctx)
 
 
-async def drain(ctx: Context) -> TickBatch:
-    consumer = ctx.bus.consumer("test", ["ticks"])
-    await consumer.start()
-    batches = []
-    try:
-        while records := await consumer.getmany(100_000, 0.05):
-            batches.extend(decode_ticks(r.value).data for r in records)
-    finally:
-        await consumer.close()
-    batches = [b for b in batches if b.num_rows]
-    return TickBatch(pa.concat_batches(batches)) if batches else TickBatch.empty()
-
-
-async def eventually(check: Callable[[], bool], timeout_s: float = 20.0) -> None:
-    async with asyncio.timeout(timeout_s):
-        while not check():
-            await asyncio.sleep(0.02)
-
-
 async def run_until_caught_up(src: BinanceSource, fake: FakeBinance, last_id: int, timeout_s: float) -> None:
     await src.start()
     try:
@@ -95,12 +58,12 @@ async def run_until_caught_up(src: BinanceSource, fake: FakeBinance, last_id: in
         await src.stop()
 
 
-async def test_drops_and_a_rotation_lose_nothing_and_duplicate_nothing(live_ctx: Context) -> None:
+async def test_drops_and_a_rotation_lose_nothing_and_duplicate_nothing(ctx: Context) -> None:
     """The two real BTCUSDT recordings (19,904 trades) through a server that drops the connection every
     1.5 s and announces one shutdown: every trade arrives exactly once, in id order, the dropped intervals
     backfilled through REST."""
     async with FakeBinance(btc_tape(), speed=40.0, ping_interval_s=1.0) as fake:
-        src = source(live_ctx, fake)
+        src = source(ctx, fake)
         fake.drop_every(1.5)
 
         async def shutdown_later() -> None:
@@ -112,7 +75,7 @@ async def test_drops_and_a_rotation_lose_nothing_and_duplicate_nothing(live_ctx:
         await announcer
         stats = fake.stats
 
-    ids = (await drain(live_ctx)).np("trade_id")
+    ids = (await drain(ctx)).np("trade_id")
     assert len(ids) == LAST_ID - FIRST_ID + 1 == 19_904
     assert ids[0] == FIRST_ID
     assert (np.diff(ids) == 1).all()  # contiguous, in order, no duplicate
@@ -155,33 +118,33 @@ def contiguous(batch: TickBatch, symbol: str, first: int, last: int) -> bool:
     )
 
 
-async def test_age_rotation_is_make_before_break_without_backfill(live_ctx: Context) -> None:
+async def test_age_rotation_is_make_before_break_without_backfill(ctx: Context) -> None:
     async with FakeBinance(make_tape(300), speed=1.0) as fake:
-        src = source(live_ctx, fake, max_connection_age_s=0.7)
+        src = source(ctx, fake, max_connection_age_s=0.7)
         await run_until_caught_up(src, fake, 1299, timeout_s=20.0)
         stats = fake.stats
 
-    assert contiguous(await drain(live_ctx), "BTCUSDT", 1000, 1299)
+    assert contiguous(await drain(ctx), "BTCUSDT", 1000, 1299)
     assert stats.connections_opened >= 4
     assert stats.connections_closed["client"] >= 3  # each old connection closed by the source
     assert stats.requests == {}  # no gap: the overlap covered every rotation
     assert src.gaps.recorded == []
 
 
-async def test_refused_upgrades_are_retried_with_capped_full_jitter_backoff(live_ctx: Context) -> None:
+async def test_refused_upgrades_are_retried_with_capped_full_jitter_backoff(ctx: Context) -> None:
     async with FakeBinance(make_tape(50), speed=1.0) as fake:
         fake.reject_connections(503, 6)
-        src = source(live_ctx, fake, reconnect_initial_s=0.02, reconnect_max_s=0.1)
+        src = source(ctx, fake, reconnect_initial_s=0.02, reconnect_max_s=0.1)
         await run_until_caught_up(src, fake, 1049, timeout_s=20.0)
         assert fake.stats.upgrades_rejected[503] == 6
 
-    assert contiguous(await drain(live_ctx), "BTCUSDT", 1000, 1049)
-    assert src._connector is not None
-    assert src._connector.attempts == 7
-    assert 0.0 <= src._connector.max_delay_s <= 0.1
+    assert contiguous(await drain(ctx), "BTCUSDT", 1000, 1049)
+    assert src.connector is not None
+    assert src.connector.attempts == 7
+    assert 0.0 <= src.connector.max_delay_s <= 0.1
 
 
-async def test_a_quiet_symbol_is_not_a_dead_connection(live_ctx: Context) -> None:
+async def test_a_quiet_symbol_is_not_a_dead_connection(ctx: Context) -> None:
     # ETHUSDT trades only at the start; BTCUSDT trades for two seconds; nothing else for a while.
     rows = [("ETHUSDT", 1, "3000.00000000", "1.00000000", 1_723_161_255_000, False)]
     rows += [
@@ -189,7 +152,7 @@ async def test_a_quiet_symbol_is_not_a_dead_connection(live_ctx: Context) -> Non
         for i in range(200)
     ]
     async with FakeBinance(Tape.from_trades(rows), speed=1.0, ping_interval_s=0.3) as fake:
-        src = source(live_ctx, fake, symbols=["BTCUSDT", "ETHUSDT"], heartbeat_s=0.2, idle_timeout_s=1.0)
+        src = source(ctx, fake, symbols=["BTCUSDT", "ETHUSDT"], heartbeat_s=0.2, idle_timeout_s=1.0)
         await src.start()
         try:
             await fake.wait_finished()
@@ -244,13 +207,11 @@ class FreezingProxy:
         await asyncio.gather(pipe(reader, up_writer), pipe(up_reader, writer))
 
 
-async def test_a_black_holed_connection_is_detected_by_the_watchdog(live_ctx: Context) -> None:
+async def test_a_black_holed_connection_is_detected_by_the_watchdog(ctx: Context) -> None:
     async with FakeBinance(make_tape(400), speed=1.0) as fake:
         proxy = FreezingProxy(fake.port)
         await proxy.start()
-        src = source(
-            live_ctx, fake, ws_url=f"ws://127.0.0.1:{proxy.port}", heartbeat_s=0.2, idle_timeout_s=0.8
-        )
+        src = source(ctx, fake, ws_url=f"ws://127.0.0.1:{proxy.port}", heartbeat_s=0.2, idle_timeout_s=0.8)
         await src.start()
         try:
             await asyncio.sleep(1.0)
@@ -261,18 +222,18 @@ async def test_a_black_holed_connection_is_detected_by_the_watchdog(live_ctx: Co
             await src.stop()
             await proxy.close()
 
-    assert contiguous(await drain(live_ctx), "BTCUSDT", 1000, 1399)
+    assert contiguous(await drain(ctx), "BTCUSDT", 1000, 1399)
     assert any(g.status == "filled" for g in src.gaps.recorded)
     assert len(proxy.frozen) >= 2  # reconnected through the proxy after the watchdog fired
 
 
-async def test_bad_frames_are_counted_by_reason_and_the_feed_goes_on(live_ctx: Context) -> None:
+async def test_bad_frames_are_counted_by_reason_and_the_feed_goes_on(ctx: Context) -> None:
     trade = (
         '{"stream":"%s@trade","data":{"e":"trade","E":1,"s":"%s","t":%d,"p":"%s","q":"1.0",'
         '"T":1723161255000,"m":true,"M":true}}'
     )
     async with FakeBinance(make_tape(300), speed=1.0) as fake:
-        src = source(live_ctx, fake, max_frame_bytes=4096)
+        src = source(ctx, fake, max_frame_bytes=4096)
         await src.start()
         try:
             await eventually(lambda: src.parser.stats.trades > 20)
@@ -292,7 +253,7 @@ async def test_bad_frames_are_counted_by_reason_and_the_feed_goes_on(live_ctx: C
         finally:
             await src.stop()
 
-    assert contiguous(await drain(live_ctx), "BTCUSDT", 1000, 1299)
+    assert contiguous(await drain(ctx), "BTCUSDT", 1000, 1299)
     rejected = {k: v for k, v in src.parser.stats.rejected.items() if v}
     assert rejected == {
         "malformed_json": 1,
@@ -307,11 +268,11 @@ async def test_bad_frames_are_counted_by_reason_and_the_feed_goes_on(live_ctx: C
     assert src.state is ModuleState.STOPPED
 
 
-async def test_pings_are_answered_within_the_message_rate_rule(live_ctx: Context) -> None:
+async def test_pings_are_answered_within_the_message_rate_rule(ctx: Context) -> None:
     # Three pings a second: with the pongs that is as much as the source may send, so its own heartbeat
     # pings must give way.
     async with FakeBinance(make_tape(300), speed=1.0, ping_interval_s=0.3, pong_timeout_s=1.0) as fake:
-        src = source(live_ctx, fake, heartbeat_s=0.1)
+        src = source(ctx, fake, heartbeat_s=0.1)
         await run_until_caught_up(src, fake, 1299, timeout_s=20.0)
         stats = fake.stats
 
@@ -321,9 +282,9 @@ async def test_pings_are_answered_within_the_message_rate_rule(live_ctx: Context
     assert stats.connections_opened == 1
 
 
-async def test_backfill_waits_out_rate_limits(live_ctx: Context) -> None:
+async def test_backfill_waits_out_rate_limits(ctx: Context) -> None:
     async with FakeBinance(make_tape(400), speed=1.0) as fake:
-        src = source(live_ctx, fake)
+        src = source(ctx, fake)
         await src.start()
         try:
             await eventually(lambda: src.parser.stats.trades > 50)
@@ -335,12 +296,12 @@ async def test_backfill_waits_out_rate_limits(live_ctx: Context) -> None:
             await src.stop()
         requests = fake.stats.requests
 
-    assert contiguous(await drain(live_ctx), "BTCUSDT", 1000, 1399)
+    assert contiguous(await drain(ctx), "BTCUSDT", 1000, 1399)
     assert requests[("/api/v3/historicalTrades", 429)] == 2
     assert requests[("/api/v3/historicalTrades", 200)] >= 1
 
 
-async def test_a_restart_resumes_after_the_highest_stored_id(live_ctx: Context) -> None:
+async def test_a_restart_resumes_after_the_highest_stored_id(ctx: Context) -> None:
     """Trades up to id 1099 are stored; the market has moved on meanwhile: the source catches up from
     1100 through REST before (and in order with) the live trades."""
     stored = make_tape(100)
@@ -358,30 +319,30 @@ async def test_a_restart_resumes_after_the_highest_stored_id(live_ctx: Context) 
         for i in range(100)
     ]
     del stored
-    await live_ctx.store.insert("ticks", pa.Table.from_pylist(rows).cast(TICKS.input_schema))
+    await ctx.store.insert("ticks", pa.Table.from_pylist(rows).cast(TICKS.input_schema))
     async with FakeBinance(make_tape(400), speed=1.0, autostart=False) as fake:
         fake.start_market()
         await asyncio.sleep(1.5)  # about 150 trades happen before the source starts
-        src = source(live_ctx, fake)
+        src = source(ctx, fake)
         await run_until_caught_up(src, fake, 1399, timeout_s=20.0)
 
-    assert contiguous(await drain(live_ctx), "BTCUSDT", 1100, 1399)
+    assert contiguous(await drain(ctx), "BTCUSDT", 1100, 1399)
     assert src.gaps.recorded[0].from_value == 1100
 
 
-async def test_aggregate_trade_streams_are_sequenced_and_backfilled_too(live_ctx: Context) -> None:
+async def test_aggregate_trade_streams_are_sequenced_and_backfilled_too(ctx: Context) -> None:
     """``stream = "aggTrade"``: the real BTCUSDT aggregates with drops; aggregate ids contiguous, each once,
     and together they hold exactly the volume of the recorded trades."""
     tape = btc_tape()
     history = tape.history("BTCUSDT")
     first, n = history.first_agg_id, history.n_aggregates
     async with FakeBinance(tape, speed=60.0) as fake:
-        src = source(live_ctx, fake, stream="aggTrade")
+        src = source(ctx, fake, stream="aggTrade")
         fake.drop_every(1.5)
         await run_until_caught_up(src, fake, first + n - 1, timeout_s=60.0)
         rest_requests = fake.stats.requests
 
-    stored = await drain(live_ctx)
+    stored = await drain(ctx)
     assert contiguous(stored, "BTCUSDT", first, first + n - 1)
     assert n < 19_904
     recorded_volume = sum(float(tape.trade(g).qty) for g in range(len(tape)))

@@ -4,41 +4,21 @@ from __future__ import annotations
 
 import asyncio
 import collections
-from collections.abc import AsyncIterator, Callable
-from pathlib import Path
 from typing import Any
 
 import msgspec
 import numpy as np
-import pyarrow as pa
-import pytest
 
-from alphaengine.bus.memory import MemoryBus
-from alphaengine.clock import LiveClock
-from alphaengine.codec import decode_ticks
 from alphaengine.domain import TickBatch
 from alphaengine.errors import FeedAuthError
 from alphaengine.kernel.module import Context, ModuleState
-from alphaengine.objectstore.memory import MemoryObjectStore
 from alphaengine.sources.finnhub import FinnhubSettings, FinnhubSource
-from alphaengine.store.memory import MemoryStore
 from alphaengine.testing import FakeBinance, FakeFinnhub, Tape
 from tests.conftest import real_file
+from tests.feeds import drain, eventually
 
 MS = 1_000_000
 Key = tuple[int, float, float]
-
-
-@pytest.fixture
-async def live_ctx(tmp_path: Path) -> AsyncIterator[Context]:
-    bus, store, objects = MemoryBus(), MemoryStore(), MemoryObjectStore()
-    await bus.start()
-    await store.start()
-    await objects.start()
-    yield Context(bus=bus, store=store, objects=objects, clock=LiveClock(), data_dir=tmp_path)
-    await objects.close()
-    await store.close()
-    await bus.close()
 
 
 def source(ctx: Context, fake: FakeFinnhub, rest: FakeBinance | None, **settings: Any) -> FinnhubSource:
@@ -59,25 +39,6 @@ def source(ctx: Context, fake: FakeFinnhub, rest: FakeBinance | None, **settings
         FinnhubSettings,
     )
     return FinnhubSource("finnhub", config, ctx)
-
-
-async def drain(ctx: Context) -> TickBatch:
-    consumer = ctx.bus.consumer("test", ["ticks"])
-    await consumer.start()
-    batches = []
-    try:
-        while records := await consumer.getmany(100_000, 0.05):
-            batches.extend(decode_ticks(r.value).data for r in records)
-    finally:
-        await consumer.close()
-    batches = [b for b in batches if b.num_rows]
-    return TickBatch(pa.concat_batches(batches)) if batches else TickBatch.empty()
-
-
-async def eventually(check: Callable[[], bool], timeout_s: float = 20.0) -> None:
-    async with asyncio.timeout(timeout_s):
-        while not check():
-            await asyncio.sleep(0.02)
 
 
 def keys(batch: TickBatch) -> collections.Counter[Key]:
@@ -104,7 +65,7 @@ def btc_tape() -> Tape:
     )
 
 
-async def test_disconnected_windows_are_recorded_and_backfilled_from_binance(live_ctx: Context) -> None:
+async def test_disconnected_windows_are_recorded_and_backfilled_from_binance(ctx: Context) -> None:
     """The real BTCUSDT trades served as Finnhub messages, the connection dropped every 1.5 s: with
     Binance's REST filling the windows, the store gets every one of the 19,904 trades exactly once."""
     tape = btc_tape()
@@ -112,7 +73,7 @@ async def test_disconnected_windows_are_recorded_and_backfilled_from_binance(liv
         FakeBinance(tape, speed=40.0, autostart=False) as rest,
         FakeFinnhub(tape, speed=40.0, autostart=False) as fake,
     ):
-        src = source(live_ctx, fake, rest)
+        src = source(ctx, fake, rest)
         await src.start()
         try:
             await eventually(lambda: fake.subscribed)  # else the first trades are gone before it listens
@@ -127,7 +88,7 @@ async def test_disconnected_windows_are_recorded_and_backfilled_from_binance(liv
             await src.stop()
         windows = list(fake.windows)
 
-    stored = await drain(live_ctx)
+    stored = await drain(ctx)
     assert len(stored) == 19_904
     assert keys(stored) == tape_keys(tape, range(len(tape)))
     assert_ids_unique_and_increasing(stored)
@@ -140,10 +101,10 @@ async def test_disconnected_windows_are_recorded_and_backfilled_from_binance(liv
         assert gap.to_value >= to_ms * MS - 1_000 * MS
 
 
-async def test_without_backfill_every_trade_outside_the_windows_is_stored_once(live_ctx: Context) -> None:
+async def test_without_backfill_every_trade_outside_the_windows_is_stored_once(ctx: Context) -> None:
     tape = btc_tape()
     async with FakeFinnhub(tape, speed=60.0) as fake:
-        src = source(live_ctx, fake, None)
+        src = source(ctx, fake, None)
         await src.start()
         try:
             fake.drop_every(1.0)
@@ -154,7 +115,7 @@ async def test_without_backfill_every_trade_outside_the_windows_is_stored_once(l
             await src.stop()
         missed = [g for first, stop in fake.windows_published for g in range(first, stop)]
 
-    stored = await drain(live_ctx)
+    stored = await drain(ctx)
     outside = set(range(len(tape))) - set(missed)
     assert missed
     assert keys(stored) == tape_keys(tape, sorted(outside))
@@ -162,7 +123,7 @@ async def test_without_backfill_every_trade_outside_the_windows_is_stored_once(l
     assert {g.status for g in src.gaps.recorded} == {"unfilled"}
 
 
-async def test_identical_trades_in_one_millisecond_count_with_multiplicity(live_ctx: Context) -> None:
+async def test_identical_trades_in_one_millisecond_count_with_multiplicity(ctx: Context) -> None:
     """Four identical trades in one millisecond, the connection dropped after the second: the backfill
     adds exactly the two that were missed, not one and not four."""
     t0 = 1_723_161_255_000
@@ -176,7 +137,7 @@ async def test_identical_trades_in_one_millisecond_count_with_multiplicity(live_
         FakeBinance(tape, speed=1.0, autostart=False) as rest,
         FakeFinnhub(tape, speed=1.0, autostart=False, max_trades_per_message=1) as fake,
     ):
-        src = source(live_ctx, fake, rest)
+        src = source(ctx, fake, rest)
         await src.start()
         try:
             await eventually(lambda: fake.subscribed)
@@ -188,15 +149,15 @@ async def test_identical_trades_in_one_millisecond_count_with_multiplicity(live_
         finally:
             await src.stop()
 
-    stored = await drain(live_ctx)
+    stored = await drain(ctx)
     assert keys(stored) == tape_keys(tape, range(len(tape)))
     assert keys(stored)[(t0 + 1_010, 60001.0, 0.25)] == 4
     assert_ids_unique_and_increasing(stored)
 
 
-async def test_a_refused_token_faults_the_module_without_retrying(live_ctx: Context) -> None:
+async def test_a_refused_token_faults_the_module_without_retrying(ctx: Context) -> None:
     async with FakeFinnhub(Tape.from_trades([("BTCUSDT", 1, "1.0", "1.0", 1, False)]), token="right") as fake:
-        src = source(live_ctx, fake, None, token="wrong")
+        src = source(ctx, fake, None, token="wrong")
         await src.start()
         await eventually(lambda: src.state is ModuleState.FAULTED)
         await asyncio.sleep(0.3)
@@ -209,13 +170,13 @@ async def test_a_refused_token_faults_the_module_without_retrying(live_ctx: Cont
     assert "***" in str(src.failure)
 
 
-async def test_reconnects_resubscribe_and_price_updates_are_not_trades(live_ctx: Context) -> None:
+async def test_reconnects_resubscribe_and_price_updates_are_not_trades(ctx: Context) -> None:
     rows = [
         ("BTCUSDT", 1 + i, "60000.00000000", "0.10000000", 1_723_161_255_000 + i * 10, False)
         for i in range(300)
     ]
     async with FakeFinnhub(Tape.from_trades(rows), speed=1.0, extra_symbols=["BINANCE:ETHUSDT"]) as fake:
-        src = source(live_ctx, fake, None, symbols=["BINANCE:BTCUSDT", "BINANCE:ETHUSDT"])
+        src = source(ctx, fake, None, symbols=["BINANCE:BTCUSDT", "BINANCE:ETHUSDT"])
         await src.start()
         try:
             await eventually(lambda: src.parser.stats.trades > 20)
@@ -228,21 +189,21 @@ async def test_reconnects_resubscribe_and_price_updates_are_not_trades(live_ctx:
             await src.stop()
         stats = fake.stats
 
-    stored = await drain(live_ctx)
+    stored = await drain(ctx)
     assert stats.connections_opened == 2
     assert set(dict(stored.split_by_symbol())) == {"BTCUSDT"}  # the price update is not a trade
     assert len(stored) > 200  # trades kept flowing after the resubscription
     assert_ids_unique_and_increasing(stored)
 
 
-async def test_provider_errors_are_counted_and_too_many_symbols_degrades(live_ctx: Context) -> None:
+async def test_provider_errors_are_counted_and_too_many_symbols_degrades(ctx: Context) -> None:
     rows = [
         ("BTCUSDT", 1 + i, "60000.00000000", "0.10000000", 1_723_161_255_000 + i * 10, False)
         for i in range(200)
     ]
     tape = Tape.from_trades(rows)
     async with FakeFinnhub(tape, speed=1.0, max_symbols=1, extra_symbols=["BINANCE:ETHUSDT"]) as fake:
-        src = source(live_ctx, fake, None, symbols=["BINANCE:BTCUSDT", "BINANCE:ETHUSDT", "BINANCE:NOSUCH"])
+        src = source(ctx, fake, None, symbols=["BINANCE:BTCUSDT", "BINANCE:ETHUSDT", "BINANCE:NOSUCH"])
         await src.start()
         try:
             await eventually(lambda: src.state is ModuleState.DEGRADED)
@@ -252,4 +213,4 @@ async def test_provider_errors_are_counted_and_too_many_symbols_degrades(live_ct
 
     assert src.parser.stats.rejected["provider_error"] == 2
     assert sorted(src.provider_errors) == ["Invalid symbol", "Subscribing to too many symbols"]
-    assert len(await drain(live_ctx)) == 200
+    assert len(await drain(ctx)) == 200

@@ -20,26 +20,20 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
-from collections import deque
-from collections.abc import AsyncIterator
 from typing import Annotated, Any, ClassVar, Literal
 
-import aiohttp
 import msgspec
 import pyarrow as pa
 import pyarrow.compute as pc
 
 from alphaengine.domain import TickBatch
-from alphaengine.errors import FeedError, RestError, StoreError
+from alphaengine.errors import FeedError, RestError
 from alphaengine.kernel.module import Context, ModuleSettings
 from alphaengine.metrics import FEED_BACKFILLED, FEED_SYMBOL_IDLE, FEED_UNFILLED_TRADES
-from alphaengine.sources.base import TickSource
 from alphaengine.sources.binance import VENUE, BinanceTradeParser
 from alphaengine.sources.binance_rest import BinanceRestClient
 from alphaengine.sources.feed import (
-    BINARY_FRAME,
     MAX_AGE,
-    OVERSIZED_FRAME,
     PROVIDER_ERROR,
     SERVER_SHUTDOWN,
     STOPPING,
@@ -47,10 +41,8 @@ from alphaengine.sources.feed import (
     Connector,
     FeedConnection,
     FeedSettings,
-    FrameBuffer,
-    GapRecorder,
-    LatencyTracker,
 )
+from alphaengine.sources.live import LiveSource
 from alphaengine.sources.sequencer import OPEN_ENDED, BackfillRequest, IdSequencer, SequencerOutput
 
 _SHUTDOWN_MARK = b"serverShutdown"
@@ -94,10 +86,11 @@ class BinanceSettings(FeedSettings, frozen=True, kw_only=True):
     """Start each symbol from its highest stored trade id and catch up the trades missed while down."""
 
 
-class BinanceSource(TickSource[BinanceSettings]):
+class BinanceSource(LiveSource[BinanceSettings]):
     """Live Binance spot trades (see the module docstring)."""
 
     Config: ClassVar[type[ModuleSettings]] = BinanceSettings
+    parser: BinanceTradeParser
 
     def __init__(self, name: str, config: BinanceSettings, ctx: Context) -> None:
         super().__init__(name, config, ctx)
@@ -105,33 +98,19 @@ class BinanceSource(TickSource[BinanceSettings]):
         self.parser = BinanceTradeParser(
             name, clock=ctx.clock, log=self.log, log_interval_s=config.log_interval_s, event=config.stream
         )
-        self.latency = LatencyTracker(name, ctx.clock, self.log, config.clock_skew_warn_s)
-        self.gaps = GapRecorder(name, ctx.store, ctx.clock, self.log)
-        self._buffer = FrameBuffer(config.max_buffered_frames)
-        self._out: deque[TickBatch] = deque()
-        self._out_ready = asyncio.Event()
-        self._out_space = asyncio.Event()
-        self._out_space.set()
-        self._producers_done = asyncio.Event()
         self._known = frozenset(self.symbols)
-        self._last_live_ns: dict[str, int] = {}
         self._connections: dict[int, FeedConnection] = {}
-        self._session: aiohttp.ClientSession | None = None
-        self._rest: BinanceRestClient | None = None
-        self._connector: Connector | None = None
         self._sequencer: IdSequencer | None = None
-        self._backfills: set[asyncio.Task[None]] = set()
 
     # -- lifecycle --------------------------------------------------------------------------------
 
-    async def on_start(self) -> None:
-        """Open the HTTP session, find where each symbol resumes, then connect and start pumping."""
+    async def prepare(self) -> None:
+        """The REST client, and where each symbol resumes."""
         cfg = self.config
-        self._session = aiohttp.ClientSession()
-        self._rest = BinanceRestClient(
+        self.rest = BinanceRestClient(
             cfg.rest_url,
             source=self.name,
-            session=self._session,
+            session=self.session,
             api_key=cfg.api_key,
             weight_limit_per_min=cfg.rest_weight_limit_per_min,
             clock=self.ctx.clock,
@@ -148,82 +127,28 @@ class BinanceSource(TickSource[BinanceSettings]):
             max_backfill=cfg.max_backfill_trades,
             resume=resume,
         )
-        self._connector = Connector(
-            source=self.name,
-            session=self._session,
-            settings=cfg,
-            clock=self.ctx.clock,
-            log=self.log,
-            stopping=self.stopping,
-        )
-        await super().on_start()
-        self.spawn(self.gaps.run(self.stopping), "gaps")
-        self.spawn(self._run_all(), "feed")
 
-    async def on_stop(self) -> None:
-        """Close the connections, finish backfills in flight, emit what was parsed, then stop pumping."""
-        await self.wait_tasks()
-        await self._close_session()
-
-    async def on_abort(self) -> None:
-        """Release the HTTP session after a failure."""
-        await self._close_session()
-
-    async def _close_session(self) -> None:
-        if self._rest is not None:
-            await self._rest.close()
-        if self._session is not None:
-            await self._session.close()
-            self._session = None
+    def at_stop(self) -> None:
+        """Trades held behind gaps wait for the next start (see IdSequencer.drop_held)."""
+        dropped = self._require_sequencer().drop_held()
+        if dropped:
+            self.log.info("%s: %d trades held behind open gaps left for the next start", self.name, dropped)
 
     async def _resume_points(self) -> dict[str, int]:
-        """The highest stored trade id per configured symbol (none if the store cannot tell)."""
+        """The highest stored trade id per configured symbol."""
         listed = ", ".join(f"'{s}'" for s in self.symbols)
-        sql = (
-            "SELECT symbol, max(trade_id) AS last_id FROM ticks "
-            f"WHERE venue = '{VENUE}' AND symbol IN ({listed}) GROUP BY symbol"
-        )
-        try:
-            rows = (await self.ctx.store.query(sql)).to_pylist()
-        except StoreError as exc:
-            self.log.warning(
-                "%s: cannot read resume points from the store (%s): starting live", self.name, exc
-            )
-            return {}
-        points = {str(r["symbol"]): int(r["last_id"]) for r in rows if r["last_id"] is not None}
+        rows = await self.stored_max_ids(f"venue = '{VENUE}' AND symbol IN ({listed})")
+        points = {str(r["symbol"]): int(r["last_id"]) for r in rows}
         if points:
             self.log.info("%s: resuming after stored trade ids %s", self.name, points)
         return points
 
     # -- output -----------------------------------------------------------------------------------
 
-    async def batches(self) -> AsyncIterator[TickBatch]:
-        """Sequenced trades until the feed has stopped and everything parsed was emitted."""
-        while True:
-            while self._out:
-                batch = self._out.popleft()
-                if len(self._out) < 1024:
-                    self._out_space.set()
-                yield batch
-            if self._producers_done.is_set():
-                return
-            self._out_ready.clear()
-            waiter = asyncio.ensure_future(self._out_ready.wait())
-            done = asyncio.ensure_future(self._producers_done.wait())
-            try:
-                await asyncio.wait((waiter, done), return_when=asyncio.FIRST_COMPLETED)
-            finally:
-                waiter.cancel()
-                done.cancel()
-
     def _emit(self, out: SequencerOutput) -> None:
         """Queue sequenced batches (synchronously, so that each symbol's order is kept) and record gaps."""
         for batch in out.batches:
-            self._out.append(batch)
-        if out.batches:
-            self._out_ready.set()
-            if len(self._out) >= 1024:
-                self._out_space.clear()
+            self.queue(batch)
         for gap in out.gaps:
             self.gaps.record(gap)
             if gap.status == "filled":
@@ -233,38 +158,25 @@ class BinanceSource(TickSource[BinanceSettings]):
 
     # -- the feed ---------------------------------------------------------------------------------
 
-    async def _run_all(self) -> None:
+    async def run_feed(self) -> None:
+        """One task per group of streams, one parser for all, and the housekeeping."""
         per = self.config.streams_per_connection
         streams = [f"{s.lower()}@{self.config.stream}" for s in self.symbols]
         groups = [streams[i : i + per] for i in range(0, len(streams), per)]
-        slots = [asyncio.ensure_future(self._run_slot(group)) for group in groups]
         # Owned by the module: if one of them raises, the module fails and the supervisor restarts it.
         processor = self.spawn(self._process(), "parse")
         housekeeping = self.spawn(self._housekeeping(), "housekeeping")
         try:
-            await asyncio.gather(*slots)
-            # Every connection is closed: parse what they delivered, let backfills in flight finish.
-            await self._buffer.drained()
-            if self._backfills:
-                await asyncio.wait(self._backfills)
+            await asyncio.gather(*(self._run_slot(group) for group in groups))
+            await self.buffer.drained()
         finally:
-            for task in (*slots, processor, housekeeping):
-                task.cancel()
-            await asyncio.gather(*slots, processor, housekeeping, return_exceptions=True)
-            for task in self._backfills:
-                task.cancel()
-            dropped = self._require_sequencer().drop_held()
-            if dropped:
-                self.log.info(
-                    "%s: %d trades held behind open gaps left for the next start", self.name, dropped
-                )
-            assert self._connector is not None
-            self._connector.account_downtime()
-            self._producers_done.set()
+            processor.cancel()
+            housekeeping.cancel()
+            await asyncio.gather(processor, housekeeping, return_exceptions=True)
 
     async def _run_slot(self, streams: list[str]) -> None:
         """Keep one group of streams connected: reconnect after losses, rotate before cuts."""
-        connector = self._require_connector()
+        connector = self._connector()
         url = f"{self.config.ws_url.rstrip('/')}/stream?streams={'/'.join(streams)}"
         conn = await connector.connect(url, first=True)
         if conn is None:
@@ -331,7 +243,7 @@ class BinanceSource(TickSource[BinanceSettings]):
         return asyncio.ensure_future(self._read(conn, rotate))
 
     def _closed(self, conn: FeedConnection, reason: str) -> None:
-        self._require_connector().closed(conn, reason)
+        self._connector().closed(conn, reason)
         self._connections.pop(conn.health.id, None)
 
     async def _finish(self, conn: FeedConnection, reader: asyncio.Future[str], reason: str) -> None:
@@ -350,7 +262,7 @@ class BinanceSource(TickSource[BinanceSettings]):
                     if isinstance(data, dict) and data.get("e") == "serverShutdown":
                         rotate.set_result(SERVER_SHUTDOWN)
 
-        return await conn.run(self._buffer, on_binary=self._binary, on_frame=on_frame)
+        return await conn.run(self.buffer, on_binary=self.binary_frame, on_frame=on_frame)
 
     async def _process(self) -> None:
         """Parse buffered frames in bulk and sequence the trades (one task for every connection)."""
@@ -358,10 +270,9 @@ class BinanceSource(TickSource[BinanceSettings]):
         sequencer = self._require_sequencer()
         clock = self.ctx.clock
         while True:
-            while not self._out_space.is_set():
-                await self._out_space.wait()
-            frames, recv_ns = await self._buffer.take()
-            frames, recv_ns = self._screen(frames, recv_ns)
+            frames, recv_ns = await self.take_frames()
+            if any(_ERROR_MARK in f for f in frames):
+                frames, recv_ns = self._without_errors(frames, recv_ns)
             batch = parser.parse(frames, recv_ns)
             if not len(batch):
                 continue
@@ -369,31 +280,18 @@ class BinanceSource(TickSource[BinanceSettings]):
             self.latency.observe(batch.np("recv_ns"), batch.np("ts_ns"))
             now = clock.now_ns()
             for symbol, part in batch.split_by_symbol():
-                self._last_live_ns[symbol] = now
+                self.last_live_ns[symbol] = now
                 self._emit(sequencer.offer(symbol, part, now))
 
-    def _binary(self, frame: bytes) -> None:
-        self.parser.reject(BINARY_FRAME, f"{len(frame)} bytes: {frame[:40]!r}")
-
-    def _screen(self, frames: list[bytes], recv_ns: list[int]) -> tuple[list[bytes], list[int]]:
-        """Reject oversized frames and provider errors before parsing."""
-        limit = self.config.max_frame_bytes
-        if all(len(f) <= limit and _ERROR_MARK not in f for f in frames):
-            return frames, recv_ns
-        kept: list[bytes] = []
-        kept_ns: list[int] = []
-        for frame, recv in zip(frames, recv_ns, strict=True):
-            if len(frame) > limit:
-                self.parser.reject(OVERSIZED_FRAME, f"{len(frame)} bytes")
-                continue
-            if _ERROR_MARK in frame and self._provider_error(frame):
-                continue
-            kept.append(frame)
-            kept_ns.append(recv)
-        return kept, kept_ns
+    def _without_errors(self, frames: list[bytes], recv_ns: list[int]) -> tuple[list[bytes], list[int]]:
+        """The frames that are not provider error answers (those are counted and logged)."""
+        kept = [(f, r) for f, r in zip(frames, recv_ns, strict=True) if not self._provider_error(f)]
+        return [f for f, _ in kept], [r for _, r in kept]
 
     def _provider_error(self, frame: bytes) -> bool:
         """Whether ``frame`` is an error answer (``{"code": .., "msg": ..}``); counted and logged if so."""
+        if _ERROR_MARK not in frame:
+            return False
         try:
             obj = msgspec.json.decode(frame)
         except msgspec.DecodeError:
@@ -421,17 +319,15 @@ class BinanceSource(TickSource[BinanceSettings]):
             requests, out = sequencer.due(now)
             self._emit(out)
             for request in requests:
-                task = asyncio.ensure_future(self._backfill(request))
-                self._backfills.add(task)
-                task.add_done_callback(self._backfills.discard)
+                self.start_backfill(self._backfill(request))
             for symbol in self.symbols:
-                last = self._last_live_ns.get(symbol)
+                last = self.last_live_ns.get(symbol)
                 if last is not None:
                     FEED_SYMBOL_IDLE.labels(self.name, symbol).set((now - last) / 1e9)
             await clock.sleep(0.1)
 
     async def _backfill(self, request: BackfillRequest) -> None:
-        rest = self._rest
+        rest = self.rest
         assert rest is not None
         sequencer = self._require_sequencer()
         last = request.last_id
@@ -458,10 +354,10 @@ class BinanceSource(TickSource[BinanceSettings]):
         """Connections, per-symbol sequencing state, gaps, latency and reconnect figures."""
         now = self.ctx.clock.now_ns()
         sequencer = self._sequencer
-        connector = self._connector
+        connector = self.connector
         symbols: dict[str, Any] = {}
         for symbol in self.symbols:
-            last = self._last_live_ns.get(symbol)
+            last = self.last_live_ns.get(symbol)
             symbols[symbol] = {
                 "next_id": sequencer.next_id(symbol) if sequencer else None,
                 "held": sequencer.held(symbol) if sequencer else 0,
@@ -482,6 +378,6 @@ class BinanceSource(TickSource[BinanceSettings]):
         assert self._sequencer is not None, "the source is not started"
         return self._sequencer
 
-    def _require_connector(self) -> Connector:
-        assert self._connector is not None, "the source is not started"
-        return self._connector
+    def _connector(self) -> Connector:
+        assert self.connector is not None, "the source is not started"
+        return self.connector

@@ -28,7 +28,6 @@ from __future__ import annotations
 import asyncio
 import collections
 import dataclasses
-from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Annotated, Any, ClassVar
 
@@ -40,24 +39,18 @@ import pyarrow as pa
 from yarl import URL
 
 from alphaengine.domain import TICK_SCHEMA, TickBatch
-from alphaengine.errors import FeedAuthError, FeedError, StoreError
+from alphaengine.errors import FeedAuthError, FeedError
 from alphaengine.kernel.module import Context, ModuleSettings
 from alphaengine.metrics import FEED_BACKFILLED, FEED_SYMBOL_IDLE
-from alphaengine.sources.base import TickSource
 from alphaengine.sources.binance_rest import BinanceRestClient
 from alphaengine.sources.feed import (
-    BINARY_FRAME,
-    OVERSIZED_FRAME,
     STOPPING,
-    Connector,
     FeedConnection,
     FeedSettings,
-    FrameBuffer,
     Gap,
-    GapRecorder,
-    LatencyTracker,
 )
 from alphaengine.sources.finnhub_parser import DEFAULT_VENUE, FinnhubParser
+from alphaengine.sources.live import LiveSource
 
 _ID_SHIFT = 16
 """Room for 65,536 trades per millisecond per symbol before ids borrow from the next millisecond."""
@@ -119,110 +112,45 @@ class _Lane:
         return self.window_from_ms is not None
 
 
-class FinnhubSource(TickSource[FinnhubSettings]):
+class FinnhubSource(LiveSource[FinnhubSettings]):
     """Live trades from Finnhub (see the module docstring)."""
 
     Config: ClassVar[type[ModuleSettings]] = FinnhubSettings
+    parser: FinnhubParser
 
     def __init__(self, name: str, config: FinnhubSettings, ctx: Context) -> None:
         super().__init__(name, config, ctx)
         self.parser = FinnhubParser(
             name, config.symbols, clock=ctx.clock, log=self.log, log_interval_s=config.log_interval_s
         )
-        self.latency = LatencyTracker(name, ctx.clock, self.log, config.clock_skew_warn_s)
-        self.gaps = GapRecorder(name, ctx.store, ctx.clock, self.log)
         self.lanes = {s: _lane(s) for s in config.symbols}
         self._by_pair = {(lane.venue, lane.symbol): lane for lane in self.lanes.values()}
-        self._buffer = FrameBuffer(config.max_buffered_frames)
-        self._out: collections.deque[TickBatch] = collections.deque()
-        self._out_ready = asyncio.Event()
-        self._done = asyncio.Event()
-        self._last_live_ns: dict[str, int] = {}
-        self._session: aiohttp.ClientSession | None = None
-        self._rest: BinanceRestClient | None = None
-        self._connector: Connector | None = None
         self._connection: FeedConnection | None = None
-        self._backfills: set[asyncio.Task[None]] = set()
         self.provider_errors: list[str] = []
 
     # -- lifecycle --------------------------------------------------------------------------------
 
-    async def on_start(self) -> None:
-        """Open the HTTP session, continue id numbering from the store, connect and start pumping."""
+    async def prepare(self) -> None:
+        """Check the token, make the backfill client, continue id numbering from the store."""
         cfg = self.config
         if not cfg.token:
             raise FeedAuthError(f"{self.name}: token is empty: set it (FINNHUB_TOKEN in config/prod.toml)")
-        self._session = aiohttp.ClientSession()
         if cfg.binance_rest_url:
-            self._rest = BinanceRestClient(
+            self.rest = BinanceRestClient(
                 cfg.binance_rest_url,
                 source=self.name,
-                session=self._session,
+                session=self.session,
                 weight_limit_per_min=cfg.rest_weight_limit_per_min,
                 clock=self.ctx.clock,
             )
         if cfg.resume_from_store:
-            await self._resume_ids()
-        self._connector = Connector(
-            source=self.name,
-            session=self._session,
-            settings=cfg,
-            clock=self.ctx.clock,
-            log=self.log,
-            stopping=self.stopping,
-        )
-        await super().on_start()
-        self.spawn(self.gaps.run(self.stopping), "gaps")
-        self.spawn(self._run(), "feed")
-
-    async def on_stop(self) -> None:
-        """Close the connection, finish backfills in flight, emit what was parsed, then stop pumping."""
-        await self.wait_tasks()
-        await self._close_session()
-
-    async def on_abort(self) -> None:
-        """Release the HTTP session after a failure."""
-        await self._close_session()
-
-    async def _close_session(self) -> None:
-        if self._rest is not None:
-            await self._rest.close()
-        if self._session is not None:
-            await self._session.close()
-            self._session = None
-
-    async def _resume_ids(self) -> None:
-        pairs = " OR ".join(f"(venue = '{v}' AND symbol = '{s}')" for v, s in self._by_pair)
-        sql = (
-            f"SELECT venue, symbol, max(trade_id) AS last_id FROM ticks WHERE {pairs} GROUP BY venue, symbol"
-        )
-        try:
-            rows = (await self.ctx.store.query(sql)).to_pylist()
-        except StoreError as exc:
-            self.log.warning("%s: no resume points from the store (%s)", self.name, exc)
-            return
-        for row in rows:
-            lane = self._by_pair.get((str(row["venue"]), str(row["symbol"])))
-            if lane is not None and row["last_id"] is not None:
-                lane.last_id = int(row["last_id"])
+            pairs = " OR ".join(f"(venue = '{v}' AND symbol = '{s}')" for v, s in self._by_pair)
+            for row in await self.stored_max_ids(pairs):
+                lane = self._by_pair.get((str(row["venue"]), str(row["symbol"])))
+                if lane is not None:
+                    lane.last_id = int(row["last_id"])
 
     # -- output -----------------------------------------------------------------------------------
-
-    async def batches(self) -> AsyncIterator[TickBatch]:
-        """Trades with ids assigned, until the feed has stopped and everything parsed was emitted."""
-        while True:
-            while self._out:
-                yield self._out.popleft()
-            if self._done.is_set():
-                return
-            self._out_ready.clear()
-            ready = asyncio.ensure_future(self._out_ready.wait())
-            done = asyncio.ensure_future(self._done.wait())
-            try:
-                await asyncio.wait((ready, done), return_when=asyncio.FIRST_COMPLETED)
-            finally:
-                ready.cancel()
-                done.cancel()
 
     def _emit(self, lane: _Lane, batch: TickBatch) -> None:
         """Number ``batch`` (one symbol's trades, in order) and queue it."""
@@ -248,34 +176,25 @@ class FinnhubSource(TickSource[FinnhubSettings]):
             lane.edge = collections.Counter(keys)
         elif top == lane.last_t_ms:
             lane.edge.update(keys)
-        data = batch.data.set_column(2, TICK_SCHEMA.field("trade_id"), pa.array(ids))
-        self._out.append(TickBatch(data))
-        self._out_ready.set()
+        self.queue(TickBatch(batch.data.set_column(2, TICK_SCHEMA.field("trade_id"), pa.array(ids))))
 
     # -- the feed ---------------------------------------------------------------------------------
 
-    async def _run(self) -> None:
+    async def run_feed(self) -> None:
+        """The connection loop, the parser and the housekeeping."""
         # Owned by the module: if one of them raises, the module fails and the supervisor restarts it.
         processor = self.spawn(self._process(), "parse")
         housekeeping = self.spawn(self._housekeeping(), "housekeeping")
         try:
             await self._connect_loop()
-            await self._buffer.drained()
-            if self._backfills:
-                await asyncio.wait(self._backfills)
+            await self.buffer.drained()
         finally:
             processor.cancel()
             housekeeping.cancel()
             await asyncio.gather(processor, housekeeping, return_exceptions=True)
-            for task in self._backfills:
-                task.cancel()
-            self._release_all_at_stop()
-            if self._connector is not None:
-                self._connector.account_downtime()
-            self._done.set()
 
     async def _connect_loop(self) -> None:
-        connector = self._connector
+        connector = self.connector
         assert connector is not None
         url = str(URL(self.config.ws_url).update_query(token=self.config.token))
         first = True
@@ -287,7 +206,7 @@ class FinnhubSource(TickSource[FinnhubSettings]):
                 self._reconnected()
             first = False
             self._connection = conn
-            reader = asyncio.ensure_future(conn.run(self._buffer, on_binary=self._binary))
+            reader = asyncio.ensure_future(conn.run(self.buffer, on_binary=self.binary_frame))
             try:
                 for symbol in self.config.symbols:
                     await conn.send_str(orjson.dumps({"type": "subscribe", "symbol": symbol}).decode())
@@ -330,8 +249,7 @@ class FinnhubSource(TickSource[FinnhubSettings]):
         parser = self.parser
         clock = self.ctx.clock
         while True:
-            frames, recv_ns = await self._buffer.take()
-            frames, recv_ns = self._screen(frames, recv_ns)
+            frames, recv_ns = await self.take_frames()
             parsed = parser.parse(frames, recv_ns)
             for message in parsed.errors:
                 self._provider_error(message)
@@ -344,31 +262,13 @@ class FinnhubSource(TickSource[FinnhubSettings]):
                 lane = self._by_pair.get((str(part.data.column("venue")[0].as_py()), symbol))
                 if lane is None:  # the parser only passes subscribed symbols
                     continue
-                self._last_live_ns[lane.finnhub_symbol] = now
+                self.last_live_ns[lane.finnhub_symbol] = now
                 if lane.in_window:
                     lane.held.append(part)
                     if lane.window_to_ms is None and lane.reconnected_ns is not None:
                         lane.window_to_ms = int(part.np("ts_ns")[0] // _MS)
                 else:
                     self._emit(lane, part)
-
-    def _binary(self, frame: bytes) -> None:
-        self.parser.reject(BINARY_FRAME, f"{len(frame)} bytes: {frame[:40]!r}")
-
-    def _screen(self, frames: list[bytes], recv_ns: list[int]) -> tuple[list[bytes], list[int]]:
-        """Reject oversized frames before parsing."""
-        limit = self.config.max_frame_bytes
-        if all(len(f) <= limit for f in frames):
-            return frames, recv_ns
-        kept: list[bytes] = []
-        kept_ns: list[int] = []
-        for frame, recv in zip(frames, recv_ns, strict=True):
-            if len(frame) > limit:
-                self.parser.reject(OVERSIZED_FRAME, f"{len(frame)} bytes")
-                continue
-            kept.append(frame)
-            kept_ns.append(recv)
-        return kept, kept_ns
 
     def _provider_error(self, message: str) -> None:
         self.provider_errors.append(message)
@@ -384,7 +284,7 @@ class FinnhubSource(TickSource[FinnhubSettings]):
         while True:
             now = clock.now_ns()
             for lane in self.lanes.values():
-                last = self._last_live_ns.get(lane.finnhub_symbol)
+                last = self.last_live_ns.get(lane.finnhub_symbol)
                 if last is not None:
                     FEED_SYMBOL_IDLE.labels(self.name, lane.finnhub_symbol).set((now - last) / 1e9)
                 if not lane.in_window or lane.reconnected_ns is None or lane.backfilling:
@@ -395,13 +295,11 @@ class FinnhubSource(TickSource[FinnhubSettings]):
                     continue
                 if lane.held_since_ns is not None and now - lane.held_since_ns >= hold_ns:
                     self._close_window(lane, None, "held too long")
-                elif self._rest is None or lane.venue != "BINANCE":
+                elif self.rest is None or lane.venue != "BINANCE":
                     self._close_window(lane, None, "no backfill for this venue")
                 else:
                     lane.backfilling = True
-                    task = asyncio.ensure_future(self._backfill(lane))
-                    self._backfills.add(task)
-                    task.add_done_callback(self._backfills.discard)
+                    self.start_backfill(self._backfill(lane))
             await clock.sleep(0.1)
 
     def _exchange_ms(self, local_ns: int) -> int:
@@ -410,7 +308,7 @@ class FinnhubSource(TickSource[FinnhubSettings]):
         return (local_ns - int(offset_s * 1e9)) // _MS
 
     async def _backfill(self, lane: _Lane) -> None:
-        rest = self._rest
+        rest = self.rest
         assert rest is not None
         assert lane.window_from_ms is not None
         assert lane.window_to_ms is not None
@@ -499,7 +397,7 @@ class FinnhubSource(TickSource[FinnhubSettings]):
                 keep[i] = False
         return TickBatch(fetched.data.filter(pa.array(keep)))
 
-    def _release_all_at_stop(self) -> None:
+    def at_stop(self) -> None:
         """At stop, windows still open are recorded unfilled and their held trades emitted."""
         for lane in self.lanes.values():
             if lane.in_window:
@@ -511,10 +409,10 @@ class FinnhubSource(TickSource[FinnhubSettings]):
         """The connection, per-symbol windows and idleness, provider errors, latency, reconnect figures."""
         now = self.ctx.clock.now_ns()
         conn = self._connection
-        connector = self._connector
+        connector = self.connector
         symbols: dict[str, Any] = {}
         for name, lane in self.lanes.items():
-            last = self._last_live_ns.get(name)
+            last = self.last_live_ns.get(name)
             symbols[name] = {
                 "in_window": lane.in_window,
                 "held": sum(len(b) for b in lane.held),
