@@ -182,11 +182,13 @@ def engine_toml(
     metrics_port: int,
     source: str,
     sink: str = "",
+    bus: str = "",
     stop_deadline_s: float = 60.0,
 ) -> Path:
     """Write an engine configuration: Kafka, ClickHouse, a source, sinks and bars, all named by ``run``.
 
-    ``source`` is the ``[modules.source]`` body without the topic; ``sink`` extra settings for both sinks.
+    ``source`` is the ``[modules.source]`` body without the topic; ``sink`` extra settings for both sinks;
+    ``bus`` extra settings of the Kafka bus.
     The Kafka session timeout is the broker's smallest, so that a killed engine's group members are
     replaced after 6 s rather than 10.
     """
@@ -209,6 +211,7 @@ bootstrap_servers = "{services.kafka_bootstrap}"
 partitions = 4
 session_timeout_ms = 6000
 heartbeat_interval_ms = 500
+{bus}
 
 [store]
 kind = "clickhouse"

@@ -25,6 +25,7 @@ from tests.services.faults import (
     EngineProcess,
     Samples,
     Services,
+    engine_toml,
     free_port,
     run_id,
     summary_counts,
@@ -56,83 +57,20 @@ def ch(services: Services) -> Iterator[ClickHouseHttp]:
     database.drop_database()
 
 
-def engine_toml(path: Path, services: Services, *, run: str, metrics_port: int) -> Path:
-    """Kafka with a spill journal, the ClickHouse server, the synthetic market, sinks and bars.
-
-    Topics and groups carry ``run``, so that tests sharing the broker never see each other's records.
-    """
-    data_dir = path.parent / f"var-{run}"
-    path.write_text(
-        f"""
-[engine]
-name = "fault-kafka-{run}"
-data_dir = "{data_dir}"
-stop_deadline_s = 60
-report_interval_s = 2
-
-[engine.supervisor]
-backoff_initial_s = 0.2
-backoff_max_s = 2.0
-
-[bus]
-kind = "kafka"
-bootstrap_servers = "{services.kafka_bootstrap}"
-partitions = 4
-session_timeout_ms = 6000
-heartbeat_interval_ms = 500
-journal_path = "{data_dir}/journal"
-journal_after_s = 1.0
-
-[store]
-kind = "clickhouse"
-host = "{services.clickhouse_host}"
-port = {services.clickhouse_port}
-database = "faults_{run}"
-connect_timeout_s = 2.0
-
-[objectstore]
-kind = "memory"
-
-[metrics]
-port = {metrics_port}
-
-[admin]
-socket = "{data_dir}/admin.sock"
-
-[modules.source]
-type = "synthetic"
-topic = "ticks-{run}"
-rate_per_s = {RATE_PER_S}
-clustering = 0
-seed = 11
-
-[modules.tick_sink]
-type = "tick_sink"
-topic = "ticks-{run}"
-group = "tick_sink-{run}"
-
-[modules.bar_builder]
-type = "bar_builder"
-input_topic = "ticks-{run}"
-output_topic = "bars-{run}"
-group = "bar_builder-{run}"
-intervals_s = [1, 60]
-
-[modules.bar_sink]
-type = "bar_sink"
-topic = "bars-{run}"
-group = "bar_sink-{run}"
-"""
-    )
-    return path
-
-
 def test_kafka_down_for_20_s_the_source_goes_on_into_the_journal_and_every_tick_is_stored_once(
     services: Services, ch: ClickHouseHttp, tmp_path: Path
 ) -> None:
     run = ch.database.removeprefix("faults_")
     metrics_port = free_port()
-    config = engine_toml(tmp_path / "engine.toml", services, run=run, metrics_port=metrics_port)
+    # The synthetic market at a steady rate; the bus spills to a journal after 1 s without an answer.
+    config = engine_toml(
+        tmp_path / "engine.toml",
+        services,
+        run=run,
+        metrics_port=metrics_port,
+        source=f'type = "synthetic"\nrate_per_s = {RATE_PER_S}\nclustering = 0\nseed = 11',
+        bus=f'journal_path = "{tmp_path / f"var-{run}" / "journal"}"\njournal_after_s = 1.0',
+    )
     journal = tmp_path / f"var-{run}" / "journal"
     engine = EngineProcess(config, metrics_port, "engine")
     try:
