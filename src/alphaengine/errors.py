@@ -15,9 +15,10 @@ pattern-matching messages::
     │   └── StoreLockedError   the embedded store directory is held by another process
     ├── ObjectStoreError       the object store
     │   └── ObjectNotFoundError
-    └── FeedError              a market-data feed (WebSocket or REST) failed; reconnecting may help
-        ├── FeedAuthError      the provider refused the credentials (401/403): retrying cannot help
-        └── RestError          a REST request failed after its retries
+    ├── FeedError              a market-data feed (WebSocket or REST) failed; reconnecting may help
+    │   ├── FeedAuthError      the provider refused the credentials (401/403): retrying cannot help
+    │   └── RestError          a REST request failed after its retries
+    └── ModelError             a model used before it was fitted, or an artifact that cannot be loaded
 """
 
 from __future__ import annotations
@@ -110,3 +111,7 @@ class RestError(FeedError):
         super().__init__(message)
         self.status = status
         self.code = code
+
+
+class ModelError(AlphaEngineError):
+    """A model used before it was fitted, or an artifact that cannot be loaded."""

@@ -1,6 +1,7 @@
-"""Models: walk-forward validation, out-of-sample scores, baselines and the promotion rules.
+"""Models: the five model kinds, walk-forward validation, scores, baselines and promotion rules.
 
-See ``docs/validation.md``.
+The models share one interface (:class:`Model`, :func:`build_model`, :func:`load_model`); see
+``docs/validation.md`` for the validation.
 """
 
 from alphaengine.models.validation import (
@@ -25,23 +26,55 @@ from alphaengine.models.validation import (
     spearman,
     walk_forward,
 )
+from alphaengine.models.zoo import (
+    META_FILE,
+    MODEL_NAMES,
+    ForestModel,
+    ForestParams,
+    LgbmModel,
+    LgbmParams,
+    MlpModel,
+    MlpParams,
+    Model,
+    RidgeModel,
+    RidgeParams,
+    SeqModel,
+    SeqParams,
+    build_model,
+)
+from alphaengine.models.zoo import load as load_model
 
 __all__ = [
     "BASELINES",
     "DEFAULT_RULE",
+    "META_FILE",
+    "MODEL_NAMES",
     "YEAR_NS",
     "Decision",
     "Demotion",
     "Evaluation",
     "Fold",
+    "ForestModel",
+    "ForestParams",
+    "LgbmModel",
+    "LgbmParams",
+    "MlpModel",
+    "MlpParams",
+    "Model",
     "PromotionRule",
+    "RidgeModel",
+    "RidgeParams",
     "Scores",
+    "SeqModel",
+    "SeqParams",
     "TradingSpec",
     "baseline_predictions",
     "beats",
+    "build_model",
     "evaluate",
     "evaluate_baselines",
     "hit_rate",
+    "load_model",
     "pearson",
     "score",
     "should_demote",
