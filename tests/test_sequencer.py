@@ -132,12 +132,13 @@ def test_a_gap_held_too_long_is_given_up() -> None:
     assert [(g.from_value, g.to_value, g.status) for g in out.gaps] == [(2, 2, "unfilled")]
 
 
-def test_reconnection_asks_for_an_open_ended_catch_up() -> None:
+def test_reconnection_asks_for_an_open_ended_catch_up_when_no_live_trade_comes() -> None:
     seq = sequencer()
     seq.offer(S, ticks(range(1, 6)), 0)
 
-    seq.reconnected()
-    requests, _ = seq.due(0)
+    seq.reconnected(0)
+    assert seq.due(500 * MS)[0] == []  # waiting for the new connection's first trade
+    requests, _ = seq.due(1_000 * MS)
     assert requests == [BackfillRequest(S, 6, OPEN_ENDED)]
 
     out = seq.backfilled(requests[0], ticks(range(6, 9)), 0)  # trades that happened while disconnected
@@ -145,14 +146,15 @@ def test_reconnection_asks_for_an_open_ended_catch_up() -> None:
     assert [(g.from_value, g.to_value, g.status, g.ticks) for g in out.gaps] == [(6, 8, "filled", 3)]
 
 
-def test_catch_up_and_live_trades_meet_without_duplicates() -> None:
+def test_catch_up_is_bounded_by_the_first_live_trade_after_the_reconnection() -> None:
     seq = sequencer()
     seq.offer(S, ticks(range(1, 6)), 0)
-    seq.reconnected()
-    requests, _ = seq.due(0)
+    seq.reconnected(0)
 
-    assert emitted(seq.offer(S, ticks(range(9, 12)), 0)) == []  # live after the reconnection: held
-    out = seq.backfilled(requests[0], ticks(range(6, 11)), 0)  # REST reaches into live data
+    assert emitted(seq.offer(S, ticks(range(9, 12)), 100 * MS)) == []  # live after the reconnection: held
+    requests, _ = seq.due(100 * MS)  # no need to wait for the grace: the gap is known
+    assert requests == [BackfillRequest(S, 6, 8)]
+    out = seq.backfilled(requests[0], ticks(range(6, 11)), 200 * MS)  # REST reaches into live data
 
     assert emitted(out) == [6, 7, 8, 9, 10, 11]
     assert seq.duplicates == 2

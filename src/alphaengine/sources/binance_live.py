@@ -203,7 +203,7 @@ class BinanceSource(LiveSource[BinanceSettings]):
                 if lost is None:
                     return
                 conn = lost
-                self._require_sequencer().reconnected()
+                self._require_sequencer().reconnected(self.ctx.clock.now_ns())
             else:
                 # Make-before-break: the new connection reads into the same buffer at once (the sequencer
                 # drops the overlap by trade id); the old one closes once the new one has delivered.
@@ -217,7 +217,7 @@ class BinanceSource(LiveSource[BinanceSettings]):
                 new_reader = self._start_reader(new, new_rotate)
                 await self._until_delivering(new, new_reader, reader)
                 if reader.done():  # the old one was lost before the new one delivered: catch up
-                    self._require_sequencer().reconnected()
+                    self._require_sequencer().reconnected(self.ctx.clock.now_ns())
                 await self._finish(conn, reader, why)
                 conn, reader, rotate = new, new_reader, new_rotate
                 continue

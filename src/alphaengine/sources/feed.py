@@ -570,7 +570,13 @@ class LatencyTracker:
         observe_many(self._histogram, latency)
         now = self.clock.now_ns()
         minima = self._minima
-        minima.append((now, float(latency.min())))
+        low_here = float(latency.min())
+        # One entry per second of arrival, so that the envelope costs the same at any batch rate.
+        second = now // 1_000_000_000
+        if minima and minima[-1][0] // 1_000_000_000 == second:
+            minima[-1] = (minima[-1][0], min(minima[-1][1], low_here))
+        else:
+            minima.append((now, low_here))
         while minima and minima[0][0] < now - self.window_ns:
             minima.popleft()
         low = min(m for _, m in minima)

@@ -9,8 +9,9 @@ of the REST backfill, and emits, per symbol, each trade id exactly once and in i
   still close by itself (the old connection of a rotation delivering late); after that a backfill of the
   missing ids is requested. Once the missing trades arrive, the held ones follow in order;
 * after a reconnection, every symbol asks for a *catch-up*: the trades from the next expected id up to
-  whatever the exchange has, so that a disconnection at a quiet moment (or at the very end of the data)
-  loses nothing even when no later live trade reveals the gap;
+  the first trade the new connection delivers (or, if none comes within ``grace_ns``, up to whatever the
+  exchange has), so that a disconnection at a quiet moment (or at the very end of the data) loses nothing
+  even when no later live trade reveals the gap;
 * a gap that cannot be filled (``max_attempts`` failed backfills, held longer than ``max_hold_ns`` or more
   than ``max_pending`` trades held) is given up: recorded as unfilled and the held trades are released.
 
@@ -49,6 +50,7 @@ class _Symbol:
     pending: pa.RecordBatch | None = None
     held_since_ns: int | None = None
     catchup: bool = False
+    catchup_since_ns: int = 0
     inflight: BackfillRequest | None = None
     attempts: int = 0
     not_before_ns: int = 0
@@ -159,11 +161,17 @@ class IdSequencer:
             if ready or state.held_since_ns is None:
                 state.held_since_ns = now_ns
 
-    def reconnected(self) -> None:
-        """A connection was lost and a new one opened: every symbol with history catches up."""
+    def reconnected(self, now_ns: int) -> None:
+        """A connection was lost and a new one opened: every symbol with history catches up.
+
+        The catch-up waits ``grace_ns`` for the new connection's first trade: then it is bounded by it
+        and fetches only what is missing, instead of paging on to the newest trade (which the new
+        connection delivers anyway) while a busy symbol keeps trading.
+        """
         for state in self._symbols.values():
             if state.next_id is not None:
                 state.catchup = True
+                state.catchup_since_ns = now_ns
 
     def due(self, now_ns: int) -> tuple[list[BackfillRequest], SequencerOutput]:
         """Backfills to start now, and what giving up on hopeless gaps released."""
@@ -182,6 +190,8 @@ class IdSequencer:
                 first_held = int(state.pending.column("trade_id")[0].as_py())
                 request = self._bounded(symbol, state, first_held - 1, now_ns, out)
             elif state.catchup:
+                if now_ns - state.catchup_since_ns < self.grace_ns:
+                    continue
                 request = BackfillRequest(symbol, state.next_id, OPEN_ENDED)
             else:
                 continue
