@@ -427,20 +427,39 @@ def _predict_in_chunks(predict: Callable[[F32], Any], x: F32) -> F32:
 # ------------------------------------------------------------------------------------ scikit-learn
 
 
-class RidgeModel(Model):
+class _SklearnModel(Model):
+    """A scikit-learn estimator (or pipeline) in ``_estimator``, predicted in chunks, pickled whole."""
+
+    kind = "sklearn"
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._estimator: Any = None
+
+    def _predict(self, x: F32, groups: I64 | None) -> F32:
+        return _predict_in_chunks(self._estimator.predict, x)
+
+    def _save_artifact(self, directory: Path) -> tuple[str, dict[str, Any]]:
+        (directory / "model.pkl").write_bytes(pickle.dumps(self._estimator, protocol=5))
+        return "model.pkl", {}
+
+    def _load_artifact(self, path: Path, state: Mapping[str, Any]) -> None:
+        _passive_openmp()  # unpickling imports scikit-learn
+        self._estimator = pickle.loads(path.read_bytes())  # only artifacts this engine wrote
+
+
+class RidgeModel(_SklearnModel):
     """``ridge``: scikit-learn's ``StandardScaler`` then ``Ridge``, on every row by default.
 
     The closed-form solution over ``f x f`` normal equations takes about a second on 3 million rows.
     """
 
     name = "ridge"
-    kind = "sklearn"
     settings: RidgeParams
 
     def __init__(self, **params: Any) -> None:
         super().__init__()
         self.settings = _settings(RidgeParams, params, self.name)
-        self._pipeline: Any = None
 
     def _fit(self, x: F32, y: F32, groups: I64 | None) -> dict[str, int]:
         _passive_openmp()
@@ -453,23 +472,12 @@ class RidgeModel(Model):
         if len(rows) < len(x):
             x, y = x[rows], y[rows]
         # Cholesky on the normal equations: deterministic, and the fastest solver for few columns.
-        self._pipeline = make_pipeline(StandardScaler(), Ridge(alpha=s.alpha, solver="cholesky"))
-        self._pipeline.fit(x, y)
+        self._estimator = make_pipeline(StandardScaler(), Ridge(alpha=s.alpha, solver="cholesky"))
+        self._estimator.fit(x, y)
         return {"train_rows": len(rows), "val_rows": 0}
 
-    def _predict(self, x: F32, groups: I64 | None) -> F32:
-        return np.asarray(self._pipeline.predict(x), dtype=np.float32)
 
-    def _save_artifact(self, directory: Path) -> tuple[str, dict[str, Any]]:
-        (directory / "model.pkl").write_bytes(pickle.dumps(self._pipeline, protocol=5))
-        return "model.pkl", {}
-
-    def _load_artifact(self, path: Path, state: Mapping[str, Any]) -> None:
-        _passive_openmp()  # unpickling imports scikit-learn
-        self._pipeline = pickle.loads(path.read_bytes())  # only artifacts this engine wrote
-
-
-class ForestModel(Model):
+class ForestModel(_SklearnModel):
     """``forest``: scikit-learn's ``HistGradientBoostingRegressor``, early-stopped on the validation tail.
 
     Chosen over ``ExtraTreesRegressor`` for speed on millions of rows: features are binned once (at most
@@ -481,13 +489,11 @@ class ForestModel(Model):
     """
 
     name = "forest"
-    kind = "sklearn"
     settings: ForestParams
 
     def __init__(self, **params: Any) -> None:
         super().__init__()
         self.settings = _settings(ForestParams, params, self.name)
-        self._estimator: Any = None
 
     def _fit(self, x: F32, y: F32, groups: I64 | None) -> dict[str, int]:
         _passive_openmp()
@@ -512,17 +518,6 @@ class ForestModel(Model):
         else:
             self._estimator.fit(x[train], y[train])
         return {"train_rows": len(train), "val_rows": len(val), "iterations": int(self._estimator.n_iter_)}
-
-    def _predict(self, x: F32, groups: I64 | None) -> F32:
-        return _predict_in_chunks(self._estimator.predict, x)
-
-    def _save_artifact(self, directory: Path) -> tuple[str, dict[str, Any]]:
-        (directory / "model.pkl").write_bytes(pickle.dumps(self._estimator, protocol=5))
-        return "model.pkl", {}
-
-    def _load_artifact(self, path: Path, state: Mapping[str, Any]) -> None:
-        _passive_openmp()  # unpickling imports scikit-learn
-        self._estimator = pickle.loads(path.read_bytes())  # only artifacts this engine wrote
 
 
 # ---------------------------------------------------------------------------------------- LightGBM
