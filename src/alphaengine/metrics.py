@@ -163,7 +163,9 @@ FEED_DISCONNECTED_SECONDS = Counter(
     ["source"],
 )
 FEED_CONNECTIONS = Gauge("alphaengine_feed_connections", "Open WebSocket connections of a feed.", ["source"])
-FEED_FRAMES = Counter("alphaengine_feed_frames_total", "WebSocket data frames received.", ["source"])
+FEED_FRAMES = Counter(
+    "alphaengine_feed_frames_total", "WebSocket text frames received and handed to the parser.", ["source"]
+)
 FEED_LATENCY = Histogram(
     "alphaengine_feed_latency_seconds",
     "Local receive time minus exchange trade time, per trade (negative: the local clock is behind).",

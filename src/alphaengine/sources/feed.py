@@ -44,7 +44,6 @@ from alphaengine.metrics import (
     FEED_CONNECTS,
     FEED_DISCONNECTED_SECONDS,
     FEED_DISCONNECTS,
-    FEED_FRAMES,
     FEED_GAPS,
     FEED_LATENCY,
     FEED_MIN_LATENCY,
@@ -255,7 +254,6 @@ class FeedConnection:
         now = clock.now_ns()
         self.health = ConnectionHealth(id=conn_id, url=url, opened_ns=now, last_frame_ns=now)
         self._close_reason: str | None = None
-        self._frames_metric = FEED_FRAMES.labels(source)
         self.delivering = asyncio.Event()
         """Set when the first data frame has arrived."""
         self.budget = MessageBudget(settings.max_messages_per_s, clock)
@@ -321,7 +319,6 @@ class FeedConnection:
                 health.last_frame_ns = now
                 health.frames += 1
                 health.bytes += len(data)
-                self._frames_metric.inc()
                 if kind is binary:
                     on_binary(data)
                     continue
