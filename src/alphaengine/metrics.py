@@ -264,3 +264,49 @@ JOURNAL_REPLAYED = Counter(
     "alphaengine_bus_journal_replayed_records_total",
     "Records replayed from the spill journal to Kafka and acknowledged by the broker.",
 )
+
+
+# -- models and the trainer (alphaengine.models.trainer) ---------------------------------------------
+TRAINER_CYCLES = Counter(
+    "alphaengine_trainer_cycles_total",
+    "Training cycles by outcome: done, skipped (too little data) or failed (data or training frame).",
+    ["outcome"],
+)
+MODEL_TRAIN_FAILURES = Counter(
+    "alphaengine_model_train_failures_total",
+    "Training jobs that gave no result, by model (or 'prepare' for the training frame) and kind: error, "
+    "crashed (the worker died) or timeout (the worker was killed).",
+    ["model", "kind"],
+)
+MODEL_TRAIN_SECONDS = Histogram(
+    "alphaengine_model_train_duration_seconds",
+    "Time of one model's training job: walk-forward validation and final fit, in a worker process.",
+    ["model"],
+    buckets=(1.0, 2.5, 5.0, 10.0, 20.0, 30.0, 60.0, 120.0, 300.0, 600.0, 1800.0),
+)
+MODEL_LAST_TRAIN = Gauge(
+    "alphaengine_model_last_train_timestamp_seconds",
+    "When a model's last successful training job ended (UNIX time).",
+    ["model"],
+)
+MODEL_VALIDATION = Gauge(
+    "alphaengine_model_validation_score",
+    "Out-of-sample score of a model's latest candidate over its walk-forward folds: ic, ic_t_stat, "
+    "hit_rate, net_pnl (in units of notional) or sharpe.",
+    ["model", "score"],
+)
+MODEL_PROMOTIONS = Counter(
+    "alphaengine_model_promotions_total",
+    "Versions made champion, by whom (trainer or operator).",
+    ["model", "by"],
+)
+MODEL_DEMOTIONS = Counter(
+    "alphaengine_model_demotions_total", "Champions demoted, by whom (trainer or operator).", ["model", "by"]
+)
+MODEL_ROLLBACKS = Counter("alphaengine_model_rollbacks_total", "Rollbacks to an earlier champion.", ["model"])
+MODEL_CHAMPION = Gauge(
+    "alphaengine_model_champion", "1 while a model has a champion the engine may trade on, else 0.", ["model"]
+)
+MODEL_AGE = Gauge(
+    "alphaengine_model_age_seconds", "Time since the champion of a model was registered.", ["model"]
+)

@@ -34,9 +34,17 @@ class AdminError(AlphaEngineError):
 class AdminServer:
     """Serves admin commands on a Unix socket until closed."""
 
-    def __init__(self, path: Path, handlers: Mapping[str, Handler], token: str | None = None) -> None:
+    def __init__(
+        self,
+        path: Path,
+        handlers: Mapping[str, Handler],
+        token: str | None = None,
+        extra: Callable[[], Mapping[str, Handler]] | None = None,
+    ) -> None:
         self.path = path
         self.handlers = dict(handlers)
+        self.extra = extra
+        """Commands looked up at each request (those of the running modules)."""
         self.token = token or None
         self._server: asyncio.Server | None = None
 
@@ -91,9 +99,10 @@ class AdminServer:
         ):
             log.warning("admin request refused: bad or missing token")
             return {"ok": False, "error": "unauthorized: a valid token is required"}
-        handler = self.handlers.get(request["cmd"])
+        handlers = {**(self.extra() if self.extra is not None else {}), **self.handlers}
+        handler = handlers.get(request["cmd"])
         if handler is None:
-            known = ", ".join(sorted(self.handlers))
+            known = ", ".join(sorted(handlers))
             return {"ok": False, "error": f"unknown command {request['cmd']!r} (commands: {known})"}
         args = request.get("args") or {}
         try:

@@ -139,7 +139,9 @@ class Engine:
             for decl in self.config.modules:
                 if decl.enabled:
                     self.supervisor.add(decl, resolve_module(decl.type))
-            admin = AdminServer(Path(app.admin.socket), self._admin_handlers(), app.admin.token)
+            admin = AdminServer(
+                Path(app.admin.socket), self._admin_handlers(), app.admin.token, self._module_commands
+            )
             await admin.start()
             metrics_server = await self._start_metrics()
             probe = self.loop_lag
@@ -271,6 +273,15 @@ class Engine:
             "archive_list": self._cmd_archive_list,
             "archive_restore": self._cmd_archive_restore,
         }
+
+    def _module_commands(self) -> dict[str, Any]:
+        """The admin commands of the running module instances (a restarted module's new instance)."""
+        if self.supervisor is None:
+            return {}
+        commands: dict[str, Any] = {}
+        for slot in self.supervisor.slots.values():
+            commands.update(slot.instance.commands())
+        return commands
 
     async def _cmd_status(self, args: dict[str, Any]) -> dict[str, Any]:
         assert self.supervisor is not None

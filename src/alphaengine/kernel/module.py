@@ -17,7 +17,7 @@ from __future__ import annotations
 import asyncio
 import enum
 import logging
-from collections.abc import Callable, Coroutine
+from collections.abc import Awaitable, Callable, Coroutine, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar, Generic, TypeVar
@@ -74,6 +74,8 @@ class ModuleSettings(Strict, frozen=True):
 C = TypeVar("C", bound=ModuleSettings)
 
 FailureCallback = Callable[["Module[Any]", BaseException], None]
+AdminHandler = Callable[[dict[str, Any]], Awaitable[Any]]
+"""An admin command: its JSON arguments in, a JSON-ready result out."""
 
 
 class Module(Generic[C]):
@@ -217,6 +219,10 @@ class Module(Generic[C]):
 
     def health(self) -> dict[str, Any]:
         """Module-specific health details (shown by the admin ``health`` command)."""
+        return {}
+
+    def commands(self) -> Mapping[str, AdminHandler]:
+        """Admin commands this module serves, by name (the engine routes them to the running instance)."""
         return {}
 
     # -- tasks ------------------------------------------------------------------------------------
