@@ -24,6 +24,7 @@ from alphaengine.errors import AlphaEngineError, ConfigError
 
 if TYPE_CHECKING:
     from alphaengine.archive import Archive, DayReport, ManifestEntry, PendingPartition
+    from alphaengine.models.trainer import CycleReport
 
 T = TypeVar("T")
 
@@ -340,19 +341,55 @@ async def _open_archive(loaded: LoadedConfig) -> AsyncIterator[Archive | _Engine
         await store.close()
 
 
+_ADMIN_COMMANDS = ("status", "health", "stop", "models", "retrain", "promote", "rollback", "demote")
+_MODEL_COMMANDS = ("promote", "rollback", "demote")
+
+
 @main.command("admin")
 @click.option("--config", "config_path", required=True, type=click.Path(dir_okay=False))
 @click.option("--json", "as_json", is_flag=True, help="Print the raw JSON answer.")
-@click.argument("command", type=click.Choice(["status", "health", "stop"]))
-def admin_command(config_path: str, as_json: bool, command: str) -> None:
-    """Talk to a running engine's admin socket. ``health`` exits 1 when the engine is unhealthy."""
+@click.option("--version", "version", default=None, help="promote: this version (default: the challenger).")
+@click.option("--reason", default=None, help="promote, rollback, demote: why (kept in the model's history).")
+@click.option("--wait", is_flag=True, help="retrain: wait for the cycle and print its report.")
+@click.argument("command", type=click.Choice(_ADMIN_COMMANDS))
+@click.argument("models", nargs=-1)
+def admin_command(  # noqa: PLR0917  (click passes every option)
+    config_path: str,
+    as_json: bool,
+    version: str | None,
+    reason: str | None,
+    wait: bool,
+    command: str,
+    models: tuple[str, ...],
+) -> None:
+    r"""Talk to a running engine's admin socket. ``health`` exits 1 when the engine is unhealthy.
+
+    \b
+    status | health | stop
+    models                          champions, challengers and earlier champions of the models
+    retrain [MODEL...] [--wait]     a training cycle now (default: every configured model)
+    promote MODEL [--version V]     make the challenger (or version V) the champion
+    rollback MODEL                  return to the previous champion
+    demote MODEL                    stop trading on the champion
+    """
     from alphaengine.kernel import admin  # noqa: PLC0415
     from alphaengine.kernel.engine import resolve_path  # noqa: PLC0415
 
     loaded = _load_or_exit(config_path)
     socket_path = resolve_path(loaded.app.admin.socket)
+    args: dict[str, Any] = {}
+    timeout_s = 30.0
+    if command in _MODEL_COMMANDS:
+        if len(models) != 1:
+            raise click.UsageError(f"{command} takes one MODEL")
+        args = {"model": models[0], "version": version, "reason": reason}
+    elif command == "retrain":
+        args = {"models": list(models), "wait": wait}
+        timeout_s = _TRAIN_TIMEOUT_S
+    elif models:
+        raise click.UsageError(f"{command} takes no MODEL")
     try:
-        result = _run_async(admin.request(socket_path, command, {}, loaded.app.admin.token))
+        result = _run_async(admin.request(socket_path, command, args, loaded.app.admin.token, timeout_s))
     except AlphaEngineError as exc:
         click.echo(f"alphaengine: {exc}", err=True)
         sys.exit(1)
@@ -364,7 +401,13 @@ def admin_command(config_path: str, as_json: bool, command: str) -> None:
         sys.exit(1)
 
 
-def _render(command: str, result: dict[str, Any]) -> str:
+def _render(command: str, result: Any) -> str:
+    if command == "models":
+        from alphaengine.models.report import render_models  # noqa: PLC0415
+
+        return render_models(result)
+    if command == "retrain" and "status" in result:
+        return _render_cycle(result)
     lines: list[str] = []
     if command == "status":
         lines.append(
@@ -381,6 +424,98 @@ def _render(command: str, result: dict[str, Any]) -> str:
         restarts = f"  restarts {m['restarts']}" if m.get("restarts") else ""
         lines.append(f"  {m['module']:<16} {m['state']:<10}{restarts}{extra}")
     return "\n".join(lines)
+
+
+def _render_cycle(raw: dict[str, Any]) -> str:
+    from alphaengine.models.report import render_cycle  # noqa: PLC0415
+    from alphaengine.models.trainer import CycleReport  # noqa: PLC0415
+
+    return render_cycle(msgspec.convert(raw, CycleReport))
+
+
+_TRAIN_TIMEOUT_S = 6 * 3600.0
+"""How long the CLI waits for a running engine's training cycle."""
+
+
+@main.command()
+@click.option("--config", "config_path", required=True, type=click.Path(dir_okay=False))
+@click.option(
+    "--model", "models", multiple=True, help="Only this model (repeatable; default: the trainer's models)."
+)
+@click.option(
+    "--candles",
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    default=None,
+    help="Train on an OHLCV candle CSV (timestamp,open,high,low,close,volume) instead of the store's bars.",
+)
+@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
+def train(config_path: str, models: tuple[str, ...], candles: Path | None, as_json: bool) -> None:
+    """One training cycle now, with the trainer's settings from the configuration; prints its report.
+
+    Each model is validated walk-forward out of sample against the baselines, fitted on the whole
+    window, registered, and promoted if it passes the rules (docs/models.md). While an engine runs on
+    the same configuration (and no --candles is given) the cycle runs in that engine. Exit status 1 when
+    the cycle or a model's training failed.
+    """
+    from alphaengine.kernel import admin  # noqa: PLC0415
+    from alphaengine.kernel.engine import resolve_path  # noqa: PLC0415
+    from alphaengine.models.trainer import CycleReport  # noqa: PLC0415
+
+    loaded = _load_or_exit(config_path)
+    _setup_logging("WARNING")
+    socket_path = resolve_path(loaded.app.admin.socket)
+    try:
+        if candles is None and admin.is_engine_listening(socket_path):
+            args = {"models": list(models), "wait": True}
+            raw = _run_async(
+                admin.request(socket_path, "retrain", args, loaded.app.admin.token, _TRAIN_TIMEOUT_S)
+            )
+            report = msgspec.convert(raw, CycleReport)
+        else:
+            report = _run_async(_train_here(loaded, list(models), candles))
+    except AlphaEngineError as exc:
+        click.echo(f"alphaengine: {exc}", err=True)
+        sys.exit(1)
+    if as_json:
+        click.echo(msgspec.json.format(msgspec.json.encode(report)).decode())
+    else:
+        from alphaengine.models.report import render_cycle  # noqa: PLC0415
+
+        click.echo(render_cycle(report))
+    failed = report.status == "failed" or any(m.status == "failed" for m in report.models)
+    sys.exit(1 if failed else 0)
+
+
+async def _train_here(loaded: LoadedConfig, models: list[str], candles: Path | None) -> CycleReport:
+    from alphaengine.clock import LiveClock  # noqa: PLC0415
+    from alphaengine.kernel.engine import resolve_config_paths  # noqa: PLC0415
+    from alphaengine.models.trainer import Retrainer, trainer_settings  # noqa: PLC0415
+    from alphaengine.objectstore import build_objectstore  # noqa: PLC0415
+    from alphaengine.store import build_store  # noqa: PLC0415
+
+    app = resolve_config_paths(loaded).app
+    store = None if candles is not None else build_store(app.store)
+    objects = build_objectstore(app.objectstore)
+    if store is not None:
+        await store.start()
+    try:
+        await objects.start()
+        retrainer = Retrainer(
+            trainer_settings(loaded),
+            store=store,
+            objects=objects,
+            clock=LiveClock(),
+            data_dir=Path(app.engine.data_dir),
+            candles=candles,
+        )
+        try:
+            return await retrainer.cycle(models or None, reason="alphaengine train")
+        finally:
+            await retrainer.close()
+            await objects.close()
+    finally:
+        if store is not None:
+            await store.close()
 
 
 if __name__ == "__main__":  # pragma: no cover

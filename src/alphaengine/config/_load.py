@@ -298,6 +298,12 @@ def _check_struct(value: Any, tp: type[Strict], path: str) -> list[str]:
             problems.extend(check(value[name], field.type, _join(path, name)))
         elif field.required:
             problems.append(f"{_join(path, name)}: missing required value ({_type_name(field.type)})")
+    if not problems:
+        # Every key is right on its own; what is left are the struct's checks across keys (__post_init__).
+        try:
+            msgspec.convert(value, tp)
+        except msgspec.ValidationError as exc:
+            problems.append(_describe(exc, path or "<root>"))
     return problems
 
 

@@ -154,7 +154,12 @@ class TrainerSettings(ModuleSettings, frozen=True):
             try:
                 build_model(name, **params)
             except ConfigError as exc:
-                raise ValueError("; ".join(exc.problems)) from None
+                # Point the key path of msgspec's message ("... - at `$.key`") at params.<model>.
+                where = f"- at `$.params.{name}"
+                problems = [
+                    p.replace("- at `$", where) if "- at `$" in p else f"{p} {where}`" for p in exc.problems
+                ]
+                raise ValueError("; ".join(problems)) from None
 
 
 def trainer_settings(config: Any) -> TrainerSettings:

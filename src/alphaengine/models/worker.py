@@ -39,6 +39,8 @@ from alphaengine.models.validation import (
 from alphaengine.models.zoo import build_model, load
 
 NS: Final = 1_000_000_000
+SERIES_COLUMN: Final = "series"
+"""``VENUE:SYMBOL``: one series of bars (the frame holds one bar interval)."""
 PAST_COLUMN: Final = "_past_ret"
 LAST_COLUMN: Final = "_last_ret"
 
@@ -105,8 +107,9 @@ class FrameInfo(msgspec.Struct, frozen=True, kw_only=True):
 def prepare_frame(job: PrepareJob) -> FrameInfo:
     """Bars (Parquet) to training rows (Arrow IPC): features, target, baseline inputs, no nulls.
 
-    Each row is one grid bar of one symbol: ``symbol``, ``ts_ns``, the features (float32), the target
-    ``target_ret_{h}`` and the past ``h``-bar and 1-bar log returns the baselines use. Rows without
+    Each row is one grid bar of one series: ``series`` (``VENUE:SYMBOL``), ``ts_ns``, the features
+    (float32), the target ``target_ret_{h}`` and the past ``h``-bar and 1-bar log returns the baselines
+    use. Rows without
     every feature or without the target (each series' warm-up and its last ``h`` bars) are left out.
     """
     started = time.perf_counter()
@@ -138,7 +141,7 @@ def prepare_frame(job: PrepareJob) -> FrameInfo:
             pl.concat([features, extra], how="horizontal")
             .drop_nulls([*names, target])
             .select(
-                "symbol",
+                pl.concat_str("venue", "symbol", separator=":").alias(SERIES_COLUMN),
                 "ts_ns",
                 *(pl.col(n).cast(pl.Float32) for n in names),
                 target,
@@ -155,7 +158,7 @@ def prepare_frame(job: PrepareJob) -> FrameInfo:
         return FrameInfo(
             rows=frame.height,
             bars=bars.height,
-            symbols=sorted(frame["symbol"].unique().to_list()),
+            symbols=sorted(frame[SERIES_COLUMN].unique().to_list()),
             interval_s=int(intervals[0]),
             start_ns=int(frame["ts_ns"].min()),  # type: ignore[arg-type]
             end_ns=int(frame["ts_ns"].max()),  # type: ignore[arg-type]
@@ -291,7 +294,7 @@ def _fit_and_validate(job: FitJob) -> FitReport:
     with pa.memory_map(job.frame_path) as source:
         table = pa.ipc.open_file(source).read_all()
     times = table["ts_ns"].to_numpy().astype(np.int64)
-    symbols = np.unique(table["symbol"].to_numpy(zero_copy_only=False), return_inverse=True)[1]
+    symbols = np.unique(table[SERIES_COLUMN].to_numpy(zero_copy_only=False), return_inverse=True)[1]
     groups = symbols.astype(np.int64)
     x = np.column_stack([table[name].to_numpy() for name in job.features]).astype(np.float32, copy=False)
     y = table[job.target].to_numpy().astype(np.float64)
