@@ -110,8 +110,8 @@ class TrainerSettings(ModuleSettings, frozen=True):
     """Bars of this length are the training rows."""
     window_s: _PositiveFloat = 7 * 86_400.0
     """Train on the bars of this span ending at the newest bar."""
-    min_bars: _Positive = 2_000
-    """Skip a cycle whose window holds fewer bars (over all symbols)."""
+    min_bars: _Positive = 18_000
+    """Skip a cycle whose window holds fewer bars (over all symbols): an hour of 1 s bars of 5 symbols."""
     symbols: tuple[str, ...] = ()
     """Only these symbols; empty: every symbol with bars."""
     horizon_bars: _Positive = 60
