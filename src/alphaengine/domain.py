@@ -242,6 +242,27 @@ class Signal(Event, frozen=True, tag="signal"):
     model_versions: tuple[str, ...] = ()
 
 
+class Prediction(Event, frozen=True, tag="prediction"):
+    """One model version's forecast for one symbol at one bar (the signal engine ensembles them).
+
+    ``value`` is the predicted log return over the ``horizon_s`` after the bar. A ``stale`` prediction
+    (its model past its expiry, or its bar closed too long ago) must not be traded; ``stale_reason``
+    says why.
+    """
+
+    ts_ns: int
+    venue: str
+    symbol: str
+    interval_s: int
+    bar_ts_ns: int
+    model: str
+    version: str
+    horizon_s: int
+    value: float
+    stale: bool = False
+    stale_reason: str = ""
+
+
 class OrderIntent(Event, frozen=True, tag="order_intent"):
     """What the strategy wants to do, before the risk engine has sized and checked it."""
 
@@ -298,4 +319,4 @@ class Position(Event, frozen=True, tag="position"):
     fees_usd: float
 
 
-AnyEvent = Signal | OrderIntent | Order | Fill | Position
+AnyEvent = Prediction | Signal | OrderIntent | Order | Fill | Position

@@ -310,3 +310,13 @@ MODEL_CHAMPION = Gauge(
 MODEL_AGE = Gauge(
     "alphaengine_model_age_seconds", "Time since the champion of a model was registered.", ["model"]
 )
+PREDICTIONS = Counter(
+    "alphaengine_predictions_total",
+    "Predictions published by the predictor, fresh or stale (model expired, or bar too old).",
+    ["model", "status"],
+)
+PREDICTION_STALENESS = Gauge(
+    "alphaengine_prediction_staleness_seconds",
+    "Time since the model's champion last made a fresh (tradable) prediction.",
+    ["model"],
+)

@@ -238,8 +238,9 @@ class ModelRegistry:
     async def prune(self, model: str, keep: int) -> list[str]:
         """Delete versions beyond the ``keep`` newest, sparing the champion, challenger and earlier ones.
 
-        Also removes files of versions whose ``version.json`` was never written (an interrupted
-        registration) once they are not among the newest. Returns the deleted versions.
+        Their downloaded copies in the cache go too. Also removes files of versions whose
+        ``version.json`` was never written (an interrupted registration) once they are not among the
+        newest. Returns the deleted versions.
         """
         async with self._lock:
             state = await self.state(model)
@@ -251,6 +252,8 @@ class ModelRegistry:
             for o in objects:
                 if o.key[len(prefix) :].partition("/")[0] in doomed:
                     await self.objects.delete(o.key)
+            for version in doomed:
+                await asyncio.to_thread(shutil.rmtree, self.cache_dir / model / version, True)
         if doomed:
             log.info("pruned %d version(s) of %s", len(doomed), model)
         return doomed

@@ -20,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
+import logging
 import shutil
 import time
 from collections.abc import Mapping, Sequence
@@ -54,6 +55,8 @@ from alphaengine.models.worker import (
 from alphaengine.models.zoo import MODEL_NAMES, build_model
 from alphaengine.objectstore.base import ObjectStore
 from alphaengine.store.base import Store
+
+log = logging.getLogger("alphaengine.trainer")
 
 SCRATCH_DIR: Final = "trainer-scratch"
 """Under the engine's data directory: each cycle's files, removed when the cycle ends."""
@@ -121,7 +124,7 @@ class TrainerSettings(ModuleSettings, frozen=True):
     min_train_fraction: Annotated[float, msgspec.Meta(gt=0, lt=1)] = 0.5
     """The first test span starts after this share of the window."""
     embargo_bars: Annotated[int, msgspec.Meta(ge=0)] = 0
-    fold_max_train_rows: _Positive | None = 250_000
+    fold_max_train_rows: _Positive | None = 150_000
     """Rows each fold's fit may use at most (the final fit uses the model's own ``max_train_rows``)."""
     fee_bps: Annotated[float, msgspec.Meta(ge=0)] = 10.0
     sizing: Literal["sign", "linear"] = "sign"
@@ -279,8 +282,10 @@ class Retrainer:
             except JobFailed as exc:
                 metrics.MODEL_TRAIN_FAILURES.labels("prepare", exc.kind).inc()
                 report = CycleReport(started_ns=started_ns, reason=reason, status="failed", detail=str(exc))
-            except AlphaEngineError as exc:  # the store or the object store failed: the next cycle retries
-                report = CycleReport(started_ns=started_ns, reason=reason, status="failed", detail=str(exc))
+            except Exception as exc:  # the store, the object store, a file: the next cycle tries again
+                log.exception("training cycle failed")
+                detail = str(exc) if isinstance(exc, AlphaEngineError) else f"{type(exc).__name__}: {exc}"
+                report = CycleReport(started_ns=started_ns, reason=reason, status="failed", detail=detail)
             finally:
                 await asyncio.to_thread(shutil.rmtree, directory, True)
             report = msgspec.structs.replace(report, seconds=time.monotonic() - started)
@@ -431,22 +436,12 @@ class Retrainer:
             ),
             "decision": report.reasons,
         }
-        version = await self.registry.register(Path(report.artifact_dir), info, max_age_s=s.max_model_age_s)
-        demoted = None
-        check = report.champion_check
-        if check is not None and check.demote:
-            with contextlib.suppress(RegistryError):  # an operator may have changed it meanwhile
-                await self.registry.demote(name, by="trainer", reason="; ".join(check.reasons))
-                metrics.MODEL_DEMOTIONS.labels(name, "trainer").inc()
-                demoted = check.version
-        state: ModelState
-        if report.promote:
-            state = await self.registry.promote(
-                name, version.version, by="trainer", reason="beat the baselines out of sample"
-            )
-            metrics.MODEL_PROMOTIONS.labels(name, "trainer").inc()
-        else:
-            state = await self.registry.state(name)
+        try:
+            version, state, demoted = await self._apply(name, report, info)
+        except AlphaEngineError as exc:  # the object store failed: nothing of this model changed
+            metrics.MODEL_TRAIN_FAILURES.labels(name, "error").inc()
+            error = f"registering the new version failed: {exc}"
+            return ModelOutcome(model=name, status="failed", error=error, failure="error", seconds=seconds)
         return ModelOutcome(
             model=name,
             status="promoted" if report.promote else "kept",
@@ -456,6 +451,29 @@ class Retrainer:
             report=report,
             seconds=seconds,
         )
+
+    async def _apply(
+        self, name: str, report: FitReport, info: dict[str, Any]
+    ) -> tuple[VersionInfo, ModelState, str | None]:
+        """Register the new version, then demote the champion and promote the version as decided."""
+        version = await self.registry.register(
+            Path(report.artifact_dir), info, max_age_s=self.settings.max_model_age_s
+        )
+        demoted = None
+        check = report.champion_check
+        if check is not None and check.demote:
+            with contextlib.suppress(RegistryError):  # an operator may have changed it meanwhile
+                await self.registry.demote(name, by="trainer", reason="; ".join(check.reasons))
+                metrics.MODEL_DEMOTIONS.labels(name, "trainer").inc()
+                demoted = check.version
+        if report.promote:
+            state = await self.registry.promote(
+                name, version.version, by="trainer", reason="beat the baselines out of sample"
+            )
+            metrics.MODEL_PROMOTIONS.labels(name, "trainer").inc()
+        else:
+            state = await self.registry.state(name)
+        return version, state, demoted
 
     async def _champion_ref(self, name: str) -> ChampionRef | None:
         champion = await self.registry.champion(name)

@@ -282,9 +282,11 @@ def score(
         fees_total += fee_rate * float(traded.sum())
         turnover_total += float(traded.sum())
         trades_total += float(np.count_nonzero(q != previous) + np.count_nonzero(exit_size))
-        instants, which = np.unique(sl, return_inverse=True)
-        per_period = np.asarray(np.bincount(which, weights=net, minlength=instants.size), np.float64)
-        sharpes.append(_sharpe(per_period, spec.periods_per_year))
+        # The tranche's periods are the slots k, k + h, k + 2h, ...: numbered without sorting, summed over
+        # symbols, periods without rows left out.
+        which = (sl - sl.min()) // h
+        per_period = np.bincount(which, weights=net)[np.bincount(which) > 0]
+        sharpes.append(_sharpe(np.asarray(per_period, np.float64), spec.periods_per_year))
 
     return Scores(
         n_rows=int(p.size),
@@ -303,7 +305,10 @@ def score(
 
 def spearman(x: npt.ArrayLike, y: npt.ArrayLike) -> float:
     """Spearman rank correlation: Pearson correlation of the ranks, ties given their average rank."""
-    return pearson(_average_ranks(np.asarray(x, dtype=np.float64)), _average_ranks(np.asarray(y, np.float64)))
+    a, b = np.asarray(x, dtype=np.float64), np.asarray(y, dtype=np.float64)
+    if a.size < 2 or np.ptp(a) == 0.0 or np.ptp(b) == 0.0:
+        return 0.0  # as pearson() says for a constant side, without ranking it first
+    return pearson(_average_ranks(a), _average_ranks(b))
 
 
 def pearson(x: npt.ArrayLike, y: npt.ArrayLike) -> float:
@@ -337,7 +342,7 @@ def _sharpe(per_period: FloatArray, periods_per_year: float) -> float:
 
 
 def _average_ranks(x: FloatArray) -> FloatArray:
-    order = np.argsort(x, kind="stable")
+    order = np.argsort(x)  # tied values share their average rank, so the order among them is irrelevant
     ordered = x[order]
     starts_group = np.ones(x.size, dtype=bool)
     starts_group[1:] = ordered[1:] != ordered[:-1]
@@ -412,7 +417,7 @@ def evaluate(
     if not (p.shape == r.shape == t.shape) or (sym is not None and sym.shape != t.shape):
         raise ValueError("pred, realized, times and symbols must have one value per row")
     everything = np.concatenate([f.test for f in folds])
-    if np.unique(everything).size != everything.size:
+    if np.any(np.bincount(everything, minlength=p.size) > 1):
         raise ValueError("folds' test rows overlap: an out-of-sample track must count each row once")
 
     def on(rows: IntArray) -> Scores:

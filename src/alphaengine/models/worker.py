@@ -13,6 +13,7 @@ engine's event loop shares the machine) and caps the threads of the numerical li
 
 from __future__ import annotations
 
+import contextlib
 import os
 import resource
 import time
@@ -36,7 +37,7 @@ from alphaengine.models.validation import (
     should_demote,
     walk_forward,
 )
-from alphaengine.models.zoo import build_model, load
+from alphaengine.models.zoo import Model, build_model, load
 
 NS: Final = 1_000_000_000
 SERIES_COLUMN: Final = "series"
@@ -72,6 +73,15 @@ def _thread_limit(threads: int) -> Any:
 
 
 def _peak_rss_bytes() -> int:
+    """Peak resident memory of the calling process.
+
+    Linux keeps ``ru_maxrss`` across fork and exec, so a spawned worker would report its parent's size;
+    ``VmHWM`` is the peak of the process's own memory.
+    """
+    with contextlib.suppress(OSError), open("/proc/self/status", encoding="ascii") as status:
+        for line in status:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
@@ -329,7 +339,7 @@ def _fit_and_validate(job: FitJob) -> FitReport:
     oos = np.full(len(y), np.nan)
     for fold in folds:
         model = build_model(job.model, **fold_params).fit(x[fold.train], y[fold.train], groups[fold.train])
-        oos[fold.test] = _predict_rows(model, x, groups, fold.test)
+        oos[fold.test] = predict_rows(model, x, groups, fold.test)
         del model
     candidate = evaluate(oos, y, folds, times=times, spec=spec, symbols=groups)
     baselines = evaluate_baselines(past, last, y, folds, times=times, spec=spec, symbols=groups)
@@ -456,7 +466,7 @@ def _check_champion(
         )
     model = load(Path(champion.path))
     pred = np.full(len(y), np.nan)
-    pred[rows] = _predict_rows(model, x, groups, np.sort(rows))
+    pred[rows] = predict_rows(model, x, groups, np.sort(rows))
     theirs = evaluate(pred, y, recent, times=times, spec=spec, symbols=groups)
     ours = evaluate(oos, y, recent, times=times, spec=spec, symbols=groups)
     demotion = should_demote(theirs, rule=rule)
@@ -471,13 +481,14 @@ def _check_champion(
     )
 
 
-def _predict_rows(
-    model: Any, x: npt.NDArray[np.float32], groups: npt.NDArray[np.int64], rows: npt.NDArray[np.int64]
+def predict_rows(
+    model: Model, x: npt.NDArray[np.float32], groups: npt.NDArray[np.int64], rows: npt.NDArray[np.int64]
 ) -> npt.NDArray[np.float32]:
-    """Predictions for ``rows`` (ascending), each with its group's preceding rows as context.
+    """Predictions for ``rows`` (ascending) of ``x``, each with its group's preceding rows as context.
 
-    Rows are sorted by symbol and time, so the ``context_rows - 1`` rows before a group's first wanted
-    row are its history; a sequence model then sees the same window it would see live.
+    ``x`` must be sorted by group, then time (as training frames and the predictor's rows are), so the
+    ``context_rows - 1`` rows before a group's first wanted row are its history; a sequence model then
+    sees the same window it would see live.
     """
     context = int(model.context_rows)
     if context <= 1:
