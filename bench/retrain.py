@@ -15,6 +15,7 @@ ticks the pipeline stored meanwhile (does training stall ingestion?).
 
     .venv/bin/python bench/retrain.py                        # 7 days, 1 cycle
     .venv/bin/python bench/retrain.py --days 1 --cycles 5    # memory over cycles
+    .venv/bin/python bench/retrain.py --workers 2 --threads 1  # two jobs at a time, one thread each
 """
 
 from __future__ import annotations
@@ -43,7 +44,7 @@ NS = 1_000_000_000
 SYMBOLS = ("BTCUSDT", "ETHUSDT", "SOLUSDT", "ADAUSDT", "XRPUSDT")
 
 
-def config_text(root: Path, rate: int) -> str:
+def config_text(root: Path, rate: int, workers: int, threads: int) -> str:
     return f"""
 [engine]
 name = "bench"
@@ -77,6 +78,8 @@ type = "bar_sink"
 [modules.trainer]
 type = "trainer"
 first_cycle_s = 86400
+workers = {workers}
+threads_per_worker = {threads}
 """
 
 
@@ -90,7 +93,7 @@ def lag_summary(samples: list[float]) -> str:
 async def bench(args: argparse.Namespace) -> int:
     with tempfile.TemporaryDirectory(prefix="bench-retrain-") as tmp:
         root = Path(tmp)
-        engine = Engine(loads(config_text(root, args.rate)))
+        engine = Engine(loads(config_text(root, args.rate, args.workers, args.threads)))
         run = asyncio.ensure_future(engine.run(handle_signals=False))
         await asyncio.wait_for(engine.ready.wait(), 60)
         assert engine.supervisor is not None
@@ -160,6 +163,8 @@ def main() -> int:
     parser.add_argument("--cycles", type=int, default=1)
     parser.add_argument("--rate", type=int, default=2_000, help="live trades/s while training")
     parser.add_argument("--predictability", type=float, default=0.3)
+    parser.add_argument("--workers", type=int, default=1, help="the trainer's worker processes")
+    parser.add_argument("--threads", type=int, default=2, help="threads per worker")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     return uvloop.run(bench(args))

@@ -13,6 +13,8 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
+import msgspec
+import orjson
 import polars as pl
 import psutil
 import pytest
@@ -21,6 +23,7 @@ from prometheus_client import REGISTRY
 from alphaengine.clock import LiveClock
 from alphaengine.config import loads
 from alphaengine.errors import ConfigError
+from alphaengine.models.report import render_cycle
 from alphaengine.models.trainer import CycleReport, Retrainer, TrainerSettings
 from alphaengine.objectstore.memory import MemoryObjectStore
 from alphaengine.sources.synthetic import SyntheticSettings
@@ -108,6 +111,14 @@ async def test_a_planted_signal_is_found_validated_and_promoted(store: MemorySto
             assert info.code_version.startswith("0.1.0+")
             after = sample("alphaengine_model_promotions_total", model=outcome.model, by="trainer")
             assert after == before[outcome.model] + 1
+
+        # The report as `alphaengine train` receives it from a running engine (JSON), and its text.
+        received = msgspec.convert(orjson.loads(orjson.dumps(msgspec.to_builtins(report))), CycleReport)
+        assert received == report
+        text = render_cycle(received)
+        for line in ("ridge", "forest", "lgbm", "mlp", "seq", "baseline momentum", "decisions:"):
+            assert line in text
+        assert text.count("promoted") == 5
 
         # Nothing new since: the champions are kept, and a candidate cannot replace one on no evidence.
         again = await r.cycle(["ridge"])

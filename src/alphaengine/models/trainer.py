@@ -597,8 +597,11 @@ class Trainer(Module[TrainerSettings]):
             await self.ctx.clock.sleep(self._GAUGE_INTERVAL_S)
 
     def _log(self, report: CycleReport) -> None:
-        if report.status != "done":
-            self.log.warning("training cycle %s: %s", report.status, report.detail)
+        if report.status == "skipped":  # a young engine has too few bars yet: expected, not a problem
+            self.log.info("training cycle skipped: %s", report.detail)
+            return
+        if report.status == "failed":
+            self.log.warning("training cycle failed: %s", report.detail)
             return
         for m in report.models:
             if m.status == "failed":
