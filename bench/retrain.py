@@ -2,11 +2,12 @@
 
 The engine runs in this process on the embedded default's parts (memory bus, chDB, local object store)
 with the live pipeline busy: the synthetic market at ``--rate`` trades/s, tick sink, bar builder, bar
-sink, and the trainer module. Before the first cycle, ``--days`` of 1-second bars of 5 symbols (the
-synthetic market with ``--predictability``) are written to the store, ending a minute ago, so the
-trainer's default 7-day window holds about 3 million rows. Then ``--cycles`` cycles run back to back
-through the admin socket (``retrain`` with ``wait``), with the trainer's default settings: every
-model's walk-forward (5 folds) and final fit, in spawned workers at lower priority.
+sink, and the trainer module (``--rate 0``: the trainer alone). Before the first cycle, ``--days`` of
+1-second bars of 5 symbols (the synthetic market with ``--predictability``) are written to the store,
+ending a minute ago, so the trainer's default 7-day window holds about 3 million rows. Then
+``--cycles`` cycles run back to back through the admin socket (``retrain`` with ``wait``), with the
+trainer's default settings: every model's walk-forward (5 folds) and final fit, in spawned workers at
+lower priority.
 
 Reported per cycle: wall time (and per model), peak RSS of the whole process tree (engine and workers,
 sampled every 50 ms), the engine process's RSS after the cycle (does memory stay flat over cycles?),
@@ -15,6 +16,7 @@ ticks the pipeline stored meanwhile (does training stall ingestion?).
 
     .venv/bin/python bench/retrain.py                        # 7 days, 1 cycle
     .venv/bin/python bench/retrain.py --days 1 --cycles 5    # memory over cycles
+    .venv/bin/python bench/retrain.py --days 1 --cycles 5 --rate 0   # the same, trainer alone
     .venv/bin/python bench/retrain.py --workers 2 --threads 1  # two jobs at a time, one thread each
 """
 
@@ -45,6 +47,19 @@ SYMBOLS = ("BTCUSDT", "ETHUSDT", "SOLUSDT", "ADAUSDT", "XRPUSDT")
 
 
 def config_text(root: Path, rate: int, workers: int, threads: int) -> str:
+    pipeline = f"""
+[modules.source]
+type = "synthetic"
+symbols = {list(SYMBOLS)}
+rate_per_s = {rate}
+[modules.tick_sink]
+type = "tick_sink"
+[modules.bar_builder]
+type = "bar_builder"
+intervals_s = [1, 60]
+[modules.bar_sink]
+type = "bar_sink"
+"""
     return f"""
 [engine]
 name = "bench"
@@ -64,17 +79,7 @@ port = 0
 enabled = false
 [admin]
 socket = "{root}/admin.sock"
-[modules.source]
-type = "synthetic"
-symbols = {list(SYMBOLS)}
-rate_per_s = {rate}
-[modules.tick_sink]
-type = "tick_sink"
-[modules.bar_builder]
-type = "bar_builder"
-intervals_s = [1, 60]
-[modules.bar_sink]
-type = "bar_sink"
+{pipeline if rate else ""}
 [modules.trainer]
 type = "trainer"
 first_cycle_s = 86400
@@ -161,7 +166,9 @@ def main() -> int:
     )
     parser.add_argument("--days", type=float, default=7.0)
     parser.add_argument("--cycles", type=int, default=1)
-    parser.add_argument("--rate", type=int, default=2_000, help="live trades/s while training")
+    parser.add_argument(
+        "--rate", type=int, default=2_000, help="live trades/s while training (0: no live pipeline)"
+    )
     parser.add_argument("--predictability", type=float, default=0.3)
     parser.add_argument("--workers", type=int, default=1, help="the trainer's worker processes")
     parser.add_argument("--threads", type=int, default=2, help="threads per worker")

@@ -1,7 +1,12 @@
 """Models: the five model kinds, walk-forward validation, scores, baselines and promotion rules.
 
 The models share one interface (:class:`Model`, :func:`build_model`, :func:`load_model`); see
-``docs/validation.md`` for the validation.
+``docs/validation.md`` for the validation. The engine's side lives in submodules that this package does
+not import, so that a training worker (which imports :mod:`alphaengine.models.worker`) loads only what it
+runs: :mod:`~alphaengine.models.trainer` (the ``trainer`` module and its cycle),
+:mod:`~alphaengine.models.registry` (versions and champions in the object store),
+:mod:`~alphaengine.models.pool` (the worker processes), :mod:`~alphaengine.models.predictor` (the
+``predictor`` module) and :mod:`~alphaengine.models.report` (readable reports); see ``docs/models.md``.
 """
 
 from alphaengine.models.validation import (
