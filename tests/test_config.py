@@ -43,7 +43,16 @@ def test_shipped_configs_are_valid(monkeypatch: pytest.MonkeyPatch) -> None:
     dev = load(REPO / "config" / "dev.toml")
     assert isinstance(dev.app.bus, LocalBusConfig)
     assert isinstance(dev.app.store, ChdbStoreConfig)
-    modules = ["source", "tick_sink", "bar_builder", "bar_sink", "archiver", "monitor"]
+    modules = [
+        "source",
+        "tick_sink",
+        "bar_builder",
+        "bar_sink",
+        "predictor",
+        "archiver",
+        "trainer",
+        "monitor",
+    ]
     assert [m.name for m in dev.modules] == modules
     for name in ("CLICKHOUSE_PASSWORD", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):
         monkeypatch.setenv(name, "secret")
@@ -55,6 +64,7 @@ def test_shipped_configs_are_valid(monkeypatch: pytest.MonkeyPatch) -> None:
         "ALPHAENGINE_BINANCE",
         "ALPHAENGINE_FINNHUB",
         "ALPHAENGINE_SYNTHETIC",
+        "ALPHAENGINE_TRAINER",
     ):
         monkeypatch.delenv(name, raising=False)
     prod = load(REPO / "config" / "prod.toml")
@@ -78,6 +88,10 @@ def test_shipped_configs_are_valid(monkeypatch: pytest.MonkeyPatch) -> None:
     assert isinstance(prod.app.store, ClickHouseStoreConfig)
     assert isinstance(prod.app.bus, KafkaBusConfig)
     assert (prod.app.store.port, prod.app.bus.partitions, prod.app.metrics.port) == (19000, 3, 0)
+
+    monkeypatch.setenv("ALPHAENGINE_TRAINER", "false")
+    prod = load(REPO / "config" / "prod.toml")
+    assert "trainer" not in [m.name for m in prod.modules if m.enabled]
 
 
 def test_defaults_and_module_settings_are_typed() -> None:
