@@ -10,9 +10,10 @@ trainer's default settings: every model's walk-forward (5 folds) and final fit, 
 lower priority.
 
 Reported per cycle: wall time (and per model), peak RSS of the whole process tree (engine and workers,
-sampled every 50 ms), the engine process's RSS after the cycle (does memory stay flat over cycles?),
-and the engine's event-loop lag while the cycle ran (p50 / p99 / max of a probe every 250 ms), with the
-ticks the pipeline stored meanwhile (does training stall ingestion?).
+sampled every 50 ms), the engine process's RSS after the cycle with its Python allocator blocks, Arrow
+pool and asyncio tasks (does memory stay flat over cycles?), and the engine's event-loop lag while the
+cycle ran (p50 / p99 / max of a probe every 250 ms), with the ticks the pipeline stored meanwhile (does
+training stall ingestion?).
 
     .venv/bin/python bench/retrain.py                        # 7 days, 1 cycle
     .venv/bin/python bench/retrain.py --days 1 --cycles 5    # memory over cycles
@@ -24,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import gc
 import logging
 import sys
 import tempfile
@@ -32,6 +34,7 @@ from pathlib import Path
 
 import numpy as np
 import psutil
+import pyarrow as pa
 import uvloop
 from models import TreeSampler, machine_load  # bench/models.py
 
@@ -130,10 +133,13 @@ async def bench(args: argparse.Namespace) -> int:
             lag = list(engine.loop_lag.samples)[lag_from:]
             stored = metrics.total(metrics.TICKS_STORED) - stored_from
             frame = report["frame"] or {}
+            gc.collect()
             print(
                 f"cycle {cycle + 1}: {report['status']} in {wall:.1f} s on {frame.get('rows', 0):,} rows; "
                 f"tree peak RSS {sampler.peak_bytes / 2**20:,.0f} MiB; engine RSS after "
-                f"{me.memory_info().rss / 2**20:,.0f} MiB; event-loop lag p50/p99/max {lag_summary(lag)}; "
+                f"{me.memory_info().rss / 2**20:,.0f} MiB (Python blocks {sys.getallocatedblocks():,}, "
+                f"Arrow pool {pa.total_allocated_bytes() / 2**20:,.1f} MiB, "
+                f"{len(asyncio.all_tasks())} tasks); event-loop lag p50/p99/max {lag_summary(lag)}; "
                 f"ticks stored meanwhile {stored:,.0f} ({stored / wall:,.0f}/s)",
                 flush=True,
             )
