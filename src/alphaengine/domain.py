@@ -239,7 +239,13 @@ class Signal(Event, frozen=True, tag="signal"):
     horizon_s: int
     score: float
     confidence: float
+    """Weighted agreement of the models on the direction: 1 when all agree, 0 when split evenly."""
     model_versions: tuple[str, ...] = ()
+    """``<model>@<version>`` of every contributing prediction."""
+    values: tuple[float, ...] = ()
+    """Each contributing prediction's value, in the order of ``model_versions``."""
+    weights: tuple[float, ...] = ()
+    """Each contributing prediction's share of the score (they sum to 1)."""
 
 
 class Prediction(Event, frozen=True, tag="prediction"):
@@ -261,6 +267,11 @@ class Prediction(Event, frozen=True, tag="prediction"):
     value: float
     stale: bool = False
     stale_reason: str = ""
+    weight: float = 1.0
+    """The ensemble weight: the version's out-of-sample information coefficient (0 when not positive)."""
+    group_size: int = 1
+    """How many predictions the predictor made for this bar (this one included): the signal engine
+    ensembles a bar once all of them are in."""
 
 
 class OrderIntent(Event, frozen=True, tag="order_intent"):
@@ -278,7 +289,8 @@ class OrderIntent(Event, frozen=True, tag="order_intent"):
 
 
 class Order(Event, frozen=True, tag="order"):
-    """An order the risk engine let through, as sent to a broker."""
+    """An order and where it is: published when the risk engine decides on it (``new`` or ``rejected``)
+    and again at each change (fills, cancellation), with ``reason`` for a rejection or cancellation."""
 
     order_id: str
     intent_id: str
@@ -289,7 +301,11 @@ class Order(Event, frozen=True, tag="order"):
     qty: float
     order_type: OrderType
     limit_price: float | None = None
+    """A limit order's price; a market order's protection price (no fill beyond it)."""
     status: OrderStatus = OrderStatus.NEW
+    filled_qty: float = 0.0
+    reason: str = ""
+    """Why it was rejected or canceled."""
 
 
 class Fill(Event, frozen=True, tag="fill"):
