@@ -86,7 +86,7 @@ class MarketState:
                     prices.append(p)
             s.price = float(price[-1])
             s.ts_ns = int(ts_ns[-1])
-        s.open_ns = 0
+        s.open_ns, s.open_price = 0, 0.0
         for end, p in zip(ends, prices, strict=True):
             if end > until_ns:
                 s.open_ns, s.open_price = end, p
