@@ -202,13 +202,13 @@ class RiskEngine:
         ):
             return None
         if target == 0.0:
-            change = -held * quote.price  # flat means flat, whatever the order limit
+            qty = abs(held)  # flat means flat, whatever the order limit
         else:
-            change = math.copysign(min(abs(change), self.limits.max_order_notional_usd), change)
-        side = Side.BUY if change > 0 else Side.SELL
-        qty = round(abs(change) / quote.price, 8)
+            notional = min(abs(change), self.limits.max_order_notional_usd)
+            qty = math.floor(notional / quote.price * 1e8) / 1e8  # whole satoshi-sized units, never above
         if qty <= 0:
             return None
+        side = Side.BUY if change > 0 else Side.SELL
         order_type = OrderType(self.sizing.order_type)
         limit = self._limit_price(side, quote.price, order_type)
         return Order(
