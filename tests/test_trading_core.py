@@ -153,7 +153,7 @@ def test_the_reference_run_trades() -> None:
     assert len(REFERENCE["signals"]) > 1_000
     assert len(fills) >= 20
     assert [seq for seq, _ in fills] == list(range(1, len(fills) + 1))  # type: ignore[misc]
-    statuses = {o.status for o in REFERENCE["orders"]}  # type: ignore[attr-defined]
+    statuses = {o.status for _, o in REFERENCE["orders"]}  # type: ignore[misc]
     assert OrderStatus.FILLED in statuses
     assert len(REFERENCE["equity"]) == SECONDS // SETTINGS.equity_interval_s + 1  # both ends
 

@@ -289,8 +289,11 @@ class OrderIntent(Event, frozen=True, tag="order_intent"):
 
 
 class Order(Event, frozen=True, tag="order"):
-    """An order and where it is: published when the risk engine decides on it (``new`` or ``rejected``)
-    and again at each change (fills, cancellation), with ``reason`` for a rejection or cancellation."""
+    """An order and where it is.
+
+    Published when the risk engine decides on it (``new`` or ``rejected``) and again at each change
+    (fills, cancellation), with ``reason`` for a rejection or cancellation.
+    """
 
     order_id: str
     intent_id: str

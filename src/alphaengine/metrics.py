@@ -320,3 +320,39 @@ PREDICTION_STALENESS = Gauge(
     "Time since the model's champion last made a fresh (tradable) prediction.",
     ["model"],
 )
+SIGNALS = Counter(
+    "alphaengine_signals_total",
+    "Bars the signal engine ensembled: outcome 'signal', or 'none' (stale, unweighted or late predictions).",
+    ["symbol", "outcome"],
+)
+RISK_REJECTIONS = Counter(
+    "alphaengine_risk_rejections_total",
+    "Orders the risk engine rejected, by the check that failed.",
+    ["check"],
+)
+ORDERS = Counter(
+    "alphaengine_orders_total",
+    "Order events: new, rejected, partially_filled, filled, canceled.",
+    ["symbol", "status"],
+)
+FILLS = Counter(
+    "alphaengine_fills_total", "Paper fills, by liquidity (maker or taker).", ["symbol", "liquidity"]
+)
+FEES = Counter("alphaengine_fees_usd_total", "Fees paid on paper fills, in USD.", ["symbol"])
+TRADER_LATE_TICKS = Counter(
+    "alphaengine_trader_late_ticks_total",
+    "Trades read after the trader had passed their time (left out; counts those read again after a restart).",
+)
+EQUITY = Gauge("alphaengine_equity_usd", "Equity of the paper account at the last trades, in USD.")
+DRAWDOWN = Gauge(
+    "alphaengine_drawdown_ratio", "Fall of the equity below its peak at the last equity point (0.05 = 5 %)."
+)
+TRADING_HALTED = Gauge(
+    "alphaengine_trading_halted",
+    "1 while trading is halted or reducing-only (kill switch or operator), else 0.",
+)
+POSITION_NOTIONAL = Gauge(
+    "alphaengine_position_notional_usd",
+    "Signed notional of the position in a symbol at its last trade.",
+    ["symbol"],
+)

@@ -4,7 +4,8 @@ It consumes the ``bars`` topic (bars of ``bar_interval_s``), computes the featur
 :class:`~alphaengine.features.FeatureStream` (the same definitions the trainer used, so live features
 equal training features) and asks the champion of every model for its prediction. Each prediction goes
 to the ``predictions`` topic as a :class:`~alphaengine.domain.Prediction` event (``prediction.v1``)
-naming the model version; the signal engine ensembles them.
+naming the model version, with its ensemble weight (the version's out-of-sample information
+coefficient) and the number of predictions made for that bar; the signal engine ensembles them.
 
 A prediction is flagged ``stale`` and must not be traded when its model version is past its expiry
 (``max_model_age_s`` of the trainer) or when its bar closed more than ``max_bar_age_s`` ago (a backlog
@@ -23,6 +24,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Annotated, Any, ClassVar
@@ -278,6 +280,7 @@ class Predictor(ConsumerModule[PredictorSettings]):
             groups = np.unique(series.to_numpy(), return_inverse=True)[1].astype(np.int64)
             values = predict_rows(champion.model, x, groups, wanted.astype(np.int64))
             expired = champion.info.expired(now)
+            weight = _ensemble_weight(champion.info)
             horizon_s = champion.info.horizon_bars * champion.info.data.interval_s
             picked = usable[wanted]
             for row, value in zip(picked.iter_rows(named=True), values.tolist(), strict=True):
@@ -303,14 +306,22 @@ class Predictor(ConsumerModule[PredictorSettings]):
                         value=float(value),
                         stale=bool(reason),
                         stale_reason=reason,
+                        weight=weight,
                     )
                 )
                 metrics.PREDICTIONS.labels(name, "stale" if reason else "fresh").inc()
                 if not reason:
                     self._last_fresh_ns[name] = now
         self.predictions += len(out)
-        return out
+        sizes = Counter((p.venue, p.symbol, p.bar_ts_ns) for p in out)
+        return [msgspec.structs.replace(p, group_size=sizes[p.venue, p.symbol, p.bar_ts_ns]) for p in out]
 
     def health(self) -> dict[str, Any]:
         """The champions predicted with, and the predictions made."""
         return {"champions": self.champions, "predictions": self.predictions}
+
+
+def _ensemble_weight(info: VersionInfo) -> float:
+    """A version's weight in the signal: its out-of-sample information coefficient, 0 unless positive."""
+    ic = info.validation.get("candidate", {}).get("ic")
+    return float(ic) if isinstance(ic, int | float) and ic > 0 else 0.0

@@ -137,11 +137,108 @@ DIAGNOSTICS = TableSpec(
     ),
 )
 
+_ACCOUNT = Column("account", "String", pa.string())
+
+
+def _str(name: str) -> Column:
+    return Column(name, "String", pa.string())
+
+
+FILLS = TableSpec(
+    name="fills",
+    columns=(
+        _TS,
+        _ACCOUNT,
+        _i64("seq"),
+        _str("fill_id"),
+        _str("order_id"),
+        _i64("ts_ns"),
+        _VENUE,
+        _SYMBOL,
+        _str("side"),
+        _f64("qty"),
+        _f64("price"),
+        _f64("fee_usd"),
+        _str("liquidity"),
+    ),
+    key=("account", "seq"),
+    doc=(
+        "The fills log of each paper account, once per (account, seq): seq numbers the fills from 1 in the "
+        "order they were applied; the portfolio is rebuilt from it at start-up."
+    ),
+)
+
+ORDERS = TableSpec(
+    name="orders",
+    columns=(
+        _TS,
+        _ACCOUNT,
+        _str("order_id"),
+        _str("signal_id"),
+        _i64("ts_ns"),
+        _i64("updated_ns"),
+        _VENUE,
+        _SYMBOL,
+        _str("side"),
+        _f64("qty"),
+        _str("order_type"),
+        _f64("limit_price"),
+        _str("status"),
+        _f64("filled_qty"),
+        _str("reason"),
+    ),
+    key=("account", "order_id", "updated_ns", "status"),
+    doc=(
+        "Every order and each change of its state (new, rejected with the risk check's reason, partially "
+        "filled, filled, canceled), once per (account, order_id, updated_ns, status); limit_price is a "
+        "market order's protection price."
+    ),
+)
+
+EQUITY = TableSpec(
+    name="equity",
+    columns=(
+        _TS,
+        _ACCOUNT,
+        _i64("ts_ns"),
+        _f64("equity_usd"),
+        _f64("cash_usd"),
+        _f64("realized_usd"),
+        _f64("unrealized_usd"),
+        _f64("fees_usd"),
+        _f64("gross_exposure_usd"),
+        _f64("net_exposure_usd"),
+        _f64("drawdown"),
+    ),
+    key=("account", "ts_ns"),
+    doc="The equity curve of each paper account, a point every equity_interval_s, once per (account, ts_ns).",
+)
+
+TRADER_STATE = TableSpec(
+    name="trader_state",
+    columns=(
+        _TS,
+        _ACCOUNT,
+        _i64("ts_ns"),
+        _i64("saved_ns"),
+        _str("state"),
+        _str("offsets"),
+    ),
+    key=("account",),
+    partition_by=None,
+    engine="ReplacingMergeTree(saved_ns)",
+    doc=(
+        "The latest snapshot of each account's trading core (JSON) and the bus positions it was taken at; "
+        "ts_ns is the core's event time, saved_ns when it was written (the newest is kept)."
+    ),
+)
+
 MIGRATIONS: tuple[Migration, ...] = (
     Migration(1, "ticks and bars", tables=(TICKS, BARS)),
     Migration(2, "archive manifest", tables=(ARCHIVE_MANIFEST,)),
     Migration(3, "feed gaps", tables=(FEED_GAPS,)),
     Migration(4, "diagnostics", tables=(DIAGNOSTICS,)),
+    Migration(5, "trading", tables=(FILLS, ORDERS, EQUITY, TRADER_STATE)),
 )
 """Every schema change in order; a store applies those whose version it has not recorded."""
 

@@ -64,8 +64,8 @@ class Outbox:
 
     ensembled: list[Ensembled] = field(default_factory=list)
     """Every bar's outcome, a signal or why none (late bars included, with ``late`` as the reason)."""
-    orders: list[Order] = field(default_factory=list)
-    """New and rejected orders and each later change of an order, in time order."""
+    orders: list[tuple[int, Order]] = field(default_factory=list)
+    """New and rejected orders and each later change of an order, with the time of the change."""
     fills: list[tuple[int, Fill]] = field(default_factory=list)
     """Fills with their sequence number in the fills log."""
     positions: list[Position] = field(default_factory=list)
@@ -216,7 +216,7 @@ class TradingCore:
         return [(instrument(o.venue, o.symbol), o) for o in self.broker.open_orders]
 
     def _execute(self, e: Execution) -> None:
-        self.out.orders.append(e.order)
+        self.out.orders.append((e.ts_ns, e.order))
         if e.fill is not None:
             seq = self.portfolio.fill_seq + 1
             position = self.portfolio.apply(e.fill, seq)
@@ -247,12 +247,11 @@ class TradingCore:
             self.out.rejections.append(rejection)
             if rejection.check == "max_drawdown":
                 self.out.halts.append(rejection)
-            self.out.orders.append(
-                msgspec.structs.replace(order, status=OrderStatus.REJECTED, reason=rejection.reason)
-            )
+            rejected = msgspec.structs.replace(order, status=OrderStatus.REJECTED, reason=rejection.reason)
+            self.out.orders.append((order.ts_ns, rejected))
             return
         self.broker.submit(key, order)
-        self.out.orders.append(order)
+        self.out.orders.append((order.ts_ns, order))
 
     # -- the operator ---------------------------------------------------------------------------------
 
