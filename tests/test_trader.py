@@ -28,16 +28,16 @@ def trader_settings() -> TraderSettings:
     )
 
 
-async def publish(ctx: Context, first_s: int, last_s: int) -> None:
+async def publish(ctx: Context, first_s: int, last_s: int, *, paced: bool = True) -> None:
     """Ticks in records of a symbol and two seconds each; a bar's predictions after the next second's ticks.
 
-    Paced, as a live feed is: the trader reads the records as they come, not as a backlog (a backlog is
-    read topic by topic and the trades get ahead of the predictions: see docs/trading.md).
+    Paced, as a live feed is, the trader reads the records as they come; unpaced, they are a backlog.
     """
     for topic in ("ticks", "predictions"):
         await ctx.bus.create_topic(topic)
     for lo in range(first_s, last_s, CHUNK_S):
-        await asyncio.sleep(0.005)
+        if paced:
+            await asyncio.sleep(0.005)
         hi = T0 + (lo + CHUNK_S) * NS
         for symbol in SYMBOLS:
             await (
@@ -114,9 +114,9 @@ async def test_a_crash_loses_nothing_and_applies_no_fill_twice(ctx: Context) -> 
     await first.abort()  # no flush, no commit: what a SIGKILL leaves behind
     assert crashed_at > 5
 
+    await publish(ctx, SECONDS // 2, SECONDS, paced=False)  # what came in while it was down
     second = Trader("trader", trader_settings(), ctx)
     await second.start()
-    await publish(ctx, SECONDS // 2, SECONDS)
     end = T0 + (SECONDS - 10) * NS
     await settle(second, end)
     await second.stop()
@@ -127,3 +127,14 @@ async def test_a_crash_loses_nothing_and_applies_no_fill_twice(ctx: Context) -> 
     assert rebuilt.state() == msgspec.structs.replace(
         second.core.portfolio.state(), peak_equity_usd=rebuilt.peak_equity_usd
     )
+
+
+async def test_a_backlog_is_traded_as_live(ctx: Context) -> None:
+    """Everything published before the trader starts: trades are read far ahead of the predictions, and
+    the trader waits for the predictions rather than passing their bars."""
+    await publish(ctx, 0, SECONDS, paced=False)
+    trader = Trader("trader", trader_settings(), ctx)
+    await trader.start()
+    await settle(trader, T0 + (SECONDS - 10) * NS)
+    await trader.stop()
+    assert await stored_fills(ctx) == reference_fills(trader.core.now_ns)

@@ -8,7 +8,8 @@ the instruments' prices, the fills to the portfolio, and marks the equity curve 
 and before those at ``S`` or later, whatever the order the records were read in.
 
 Holding back ``hold_s`` is what lets a bar's predictions arrive (the predictor answers after the bar has
-closed) before the core's time passes the bar: a prediction that still comes later is *late*, given no
+closed) before the core's time passes the bar; reading a backlog, the caller also bounds the step by
+the predictions read (:meth:`TradingCore.step`). A prediction that still comes later is *late*, given no
 signal, and counted. It costs no simulated time: an order decided at ``S`` still meets the trades after
 ``S`` plus the broker's latency. A trade older than the core's time when it is read (a partition far
 behind the others) is late too, counted and left out.
@@ -157,10 +158,14 @@ class TradingCore:
 
     # -- time -----------------------------------------------------------------------------------------
 
-    def step(self) -> None:
-        """Move to ``hold_s`` behind the newest trade, trading every ready signal on the way."""
+    def step(self, bound_ns: int | None = None) -> None:
+        """Move to ``hold_s`` behind the newest trade (and not past ``bound_ns``), trading on the way.
+
+        ``bound_ns`` is where the predictions read so far end, while more are waiting to be read.
+        """
         if self.newest_ns:
-            self.run_until(self.newest_ns - int(self.settings.hold_s * NS))
+            until = self.newest_ns - int(self.settings.hold_s * NS)
+            self.run_until(until if bound_ns is None else min(until, bound_ns))
 
     def run_until(self, until_ns: int) -> None:
         """Move the core's time to ``until_ns``: every bar that closed before it is ensembled and traded."""

@@ -92,6 +92,9 @@ class Trader(ConsumerModule[TraderSettings]):
         self._tick_records: dict[TopicPartition, deque[tuple[int, int]]] = {}
         """Per ticks partition, (offset, newest trade time) of each record read since the last commit."""
         self._next: dict[TopicPartition, int] = {}
+        """Per partition, the offset of the next record to read."""
+        self._predicted_to: dict[TopicPartition, int] = {}
+        """Per predictions partition, the close time of the newest bar whose predictions were read."""
         self._last_snapshot = time.monotonic()
         self._dirty_limits = False
 
@@ -111,6 +114,7 @@ class Trader(ConsumerModule[TraderSettings]):
         if not row.num_rows:
             self.log.info("account %s starts with %.2f USD", cfg.account, cfg.initial_cash_usd)
             self._publish_gauges()
+            await self._note_positions(consumer)
             return
         state = msgspec.json.decode(row["state"][0].as_py(), type=CoreState)
         portfolio = await self._rebuild_portfolio(state)
@@ -120,6 +124,8 @@ class Trader(ConsumerModule[TraderSettings]):
             tp = TopicPartition(topic, int(partition))
             if tp in consumer.assignment():
                 consumer.seek(tp, offset)
+                self._next[tp] = offset
+        await self._note_positions(consumer)
         self.log.info(
             "account %s restored at %s: %d fills, equity %.2f USD, trading %s",
             cfg.account,
@@ -129,6 +135,30 @@ class Trader(ConsumerModule[TraderSettings]):
             self.core.risk.mode.value,
         )
         self._publish_gauges()
+
+    async def _note_positions(self, consumer: Consumer) -> None:
+        """Where each predictions partition will be read from (to tell a backlog from the live edge)."""
+        tps = [tp for tp in consumer.assignment() if tp.topic == self.config.predictions_topic]
+        unknown = [tp for tp in tps if tp not in self._next]
+        beginnings = await self.ctx.bus.beginning_offsets(unknown) if unknown else {}
+        for tp in unknown:
+            committed = await consumer.committed(tp)
+            self._next[tp] = committed.offset if committed is not None else beginnings[tp]
+
+    async def _prediction_bound(self) -> int | None:
+        """How far the core may go: not past the predictions read of a partition that has more to read.
+
+        Reading a backlog, the trades of a poll can be far ahead of its predictions; at the live edge
+        (nothing more to read) the core's ``hold_s`` covers the predictions still to come.
+        """
+        tps = [tp for tp in self._next if tp.topic == self.config.predictions_topic]
+        if not tps:
+            return None
+        ends = await self.ctx.bus.end_offsets(tps)
+        behind = [tp for tp in tps if ends[tp] > self._next[tp]]
+        if not behind:
+            return None
+        return min(self._predicted_to.get(tp, self.core.now_ns) for tp in behind)
 
     async def _rebuild_portfolio(self, state: CoreState) -> Portfolio:
         """The portfolio folded from the fills log up to the snapshot's last fill, checked against it."""
@@ -188,7 +218,9 @@ class Trader(ConsumerModule[TraderSettings]):
                 )
                 if prediction is not None:
                     self.core.add_prediction(prediction)
-        self.core.step()
+                    close = prediction.bar_ts_ns + prediction.interval_s * 1_000_000_000
+                    self._predicted_to[record.tp] = max(self._predicted_to.get(record.tp, 0), close)
+        self.core.step(await self._prediction_bound())
         await self._send(self.core.drain())
 
     async def _send(self, out: Outbox) -> None:
