@@ -49,6 +49,7 @@ def test_shipped_configs_are_valid(monkeypatch: pytest.MonkeyPatch) -> None:
         "bar_builder",
         "bar_sink",
         "predictor",
+        "trader",
         "archiver",
         "trainer",
         "monitor",

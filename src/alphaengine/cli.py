@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import csv
 import logging
+import math
 import sys
 import time
 from collections.abc import AsyncIterator, Coroutine
@@ -341,7 +342,21 @@ async def _open_archive(loaded: LoadedConfig) -> AsyncIterator[Archive | _Engine
         await store.close()
 
 
-_ADMIN_COMMANDS = ("status", "health", "stop", "models", "retrain", "promote", "rollback", "demote")
+_ADMIN_COMMANDS = (
+    "status",
+    "health",
+    "stop",
+    "models",
+    "retrain",
+    "promote",
+    "rollback",
+    "demote",
+    "positions",
+    "risk",
+    "set-limits",
+    "pause",
+    "resume",
+)
 _MODEL_COMMANDS = ("promote", "rollback", "demote")
 
 
@@ -351,6 +366,7 @@ _MODEL_COMMANDS = ("promote", "rollback", "demote")
 @click.option("--version", "version", default=None, help="promote: this version (default: the challenger).")
 @click.option("--reason", default=None, help="promote, rollback, demote: why (kept in the model's history).")
 @click.option("--wait", is_flag=True, help="retrain: wait for the cycle and print its report.")
+@click.option("--reducing-only", is_flag=True, help="pause: let orders that shrink a position through.")
 @click.argument("command", type=click.Choice(_ADMIN_COMMANDS))
 @click.argument("models", nargs=-1)
 def admin_command(  # noqa: PLR0917  (click passes every option)
@@ -359,6 +375,7 @@ def admin_command(  # noqa: PLR0917  (click passes every option)
     version: str | None,
     reason: str | None,
     wait: bool,
+    reducing_only: bool,
     command: str,
     models: tuple[str, ...],
 ) -> None:
@@ -371,6 +388,11 @@ def admin_command(  # noqa: PLR0917  (click passes every option)
     promote MODEL [--version V]     make the challenger (or version V) the champion
     rollback MODEL                  return to the previous champion
     demote MODEL                    stop trading on the champion
+    positions                       positions, cash, PnL and open orders of the paper account
+    risk                            the trading mode and the risk limits in force
+    set-limits KEY=VALUE...         change risk limits (e.g. max_order_notional_usd=1000)
+    pause [--reducing-only]         halt trading (or allow only reducing orders)
+    resume                          trade again (the drawdown starts over from the equity now)
     """
     from alphaengine.kernel import admin  # noqa: PLC0415
     from alphaengine.kernel.engine import resolve_path  # noqa: PLC0415
@@ -386,6 +408,10 @@ def admin_command(  # noqa: PLR0917  (click passes every option)
     elif command == "retrain":
         args = {"models": list(models), "wait": wait}
         timeout_s = _TRAIN_TIMEOUT_S
+    elif command == "set-limits":
+        args = _limit_args(models)
+    elif command == "pause" and not models:
+        args = {"reducing_only": reducing_only, "reason": reason}
     elif models:
         raise click.UsageError(f"{command} takes no MODEL")
     try:
@@ -401,7 +427,28 @@ def admin_command(  # noqa: PLR0917  (click passes every option)
         sys.exit(1)
 
 
+def _limit_args(pairs: tuple[str, ...]) -> dict[str, float]:
+    """``KEY=VALUE`` pairs of ``set-limits`` as numbers (the engine checks names and ranges)."""
+    if not pairs:
+        raise click.UsageError("set-limits takes KEY=VALUE pairs, e.g. max_order_notional_usd=1000")
+    out: dict[str, float] = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        try:
+            number = float(value)
+        except ValueError:
+            number = math.nan
+        if not sep or not key or not math.isfinite(number):
+            raise click.UsageError(f"set-limits: {pair!r} is not KEY=NUMBER")
+        out[key] = int(number) if number.is_integer() and key == "max_orders_per_minute" else number
+    return out
+
+
 def _render(command: str, result: Any) -> str:
+    if command in ("positions", "risk", "set-limits", "pause", "resume"):
+        from alphaengine.trading.report import render_positions, render_risk  # noqa: PLC0415
+
+        return render_positions(result) if command == "positions" else render_risk(result)
     if command == "models":
         from alphaengine.models.report import render_models  # noqa: PLC0415
 

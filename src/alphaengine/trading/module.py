@@ -45,7 +45,7 @@ from alphaengine.store.schema import TABLES
 from alphaengine.trading.broker import BrokerSettings
 from alphaengine.trading.core import CoreSettings, CoreState, Outbox, TradingCore
 from alphaengine.trading.portfolio import Portfolio, split_instrument
-from alphaengine.trading.risk import RiskLimits, SizingSettings
+from alphaengine.trading.risk import RiskLimits, SizingSettings, TradingMode
 
 _ACCOUNT = re.compile(r"[A-Za-z0-9_.-]{1,64}")
 
@@ -222,6 +222,7 @@ class Trader(ConsumerModule[TraderSettings]):
                     self._predicted_to[record.tp] = max(self._predicted_to.get(record.tp, 0), close)
         self.core.step(await self._prediction_bound())
         await self._send(self.core.drain())
+        self._sync_mode()
 
     async def _send(self, out: Outbox) -> None:
         cfg = self.config
@@ -267,10 +268,19 @@ class Trader(ConsumerModule[TraderSettings]):
         marks = core.market.marks()
         metrics.EQUITY.set(core.portfolio.equity(marks))
         metrics.DRAWDOWN.set(core.last_equity.drawdown if core.last_equity else 0.0)
-        metrics.TRADING_HALTED.set(0.0 if core.risk.mode.value == "active" else 1.0)
+        metrics.TRADING_HALTED.set(0.0 if core.risk.mode is TradingMode.ACTIVE else 1.0)
+        self._sync_mode()
         for key, holding in core.portfolio.holdings.items():
             _, symbol = split_instrument(key)
             metrics.POSITION_NOTIONAL.labels(symbol).set(holding.qty * marks.get(key, holding.avg_price))
+
+    def _sync_mode(self) -> None:
+        """DEGRADED, with the reason, while trading is halted or reducing-only (``status`` shows it)."""
+        risk = self.core.risk
+        if risk.mode is TradingMode.ACTIVE:
+            self.set_healthy()
+        else:
+            self.set_degraded(f"trading {risk.mode.value}: {risk.mode_reason}")
 
     # -- durability -----------------------------------------------------------------------------------
 
