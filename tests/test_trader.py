@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 
 import msgspec
+import pytest
+from prometheus_client import REGISTRY
 
 from alphaengine.codec import decode_event, encode_event, encode_ticks
 from alphaengine.domain import Fill, Liquidity, Side
-from alphaengine.kernel.module import Context
+from alphaengine.kernel.module import Context, ModuleState
 from alphaengine.trading import Portfolio, TradingCore
 from alphaengine.trading.module import Trader, TraderSettings
 from tests.trading_market import MARKET, NS, SECONDS, SETTINGS, SYMBOLS, T0, batch
@@ -138,3 +141,39 @@ async def test_a_backlog_is_traded_as_live(ctx: Context) -> None:
     await settle(trader, T0 + (SECONDS - 10) * NS)
     await trader.stop()
     assert await stored_fills(ctx) == reference_fills(trader.core.now_ns)
+
+
+async def test_the_kill_switch_halts_until_resumed(ctx: Context, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.WARNING)
+    settings = msgspec.structs.replace(
+        trader_settings(), limits=msgspec.structs.replace(SETTINGS.limits, max_drawdown_pct=0.1)
+    )
+    for topic in ("ticks", "predictions"):
+        await ctx.bus.create_topic(topic)
+    trader = Trader("trader", settings, ctx)
+    await trader.start()
+    await publish(ctx, 0, 600)
+    await settle(trader, T0 + 590 * NS)
+
+    assert trader.state is ModuleState.DEGRADED
+    assert "kill switch" in trader.detail
+    assert REGISTRY.get_sample_value("alphaengine_trading_halted") == 1.0
+    assert any("trading halted: kill switch" in r.getMessage() for r in caplog.records)
+    orders = (
+        await ctx.store.query("SELECT ts_ns, status, reason FROM orders FINAL ORDER BY ts_ns")
+    ).to_pylist()
+    fired = min(
+        o["ts_ns"] for o in orders if o["reason"].startswith("kill switch") or "halted" in o["reason"]
+    )
+    after = [o for o in orders if o["ts_ns"] > fired]
+    assert after, "signals kept coming after the halt"
+    assert all(o["status"] == "rejected" and o["reason"].startswith("trading is halted") for o in after)
+
+    answer = await trader.commands()["resume"]({})
+    assert answer["mode"] == "active"
+    assert trader.state is ModuleState.RUNNING
+    await publish(ctx, 600, SECONDS)
+    await settle(trader, T0 + (SECONDS - 10) * NS)
+    await trader.stop()
+    orders = (await ctx.store.query("SELECT ts_ns, status FROM orders FINAL WHERE ts_ns > 0")).to_pylist()
+    assert any(o["status"] == "filled" and o["ts_ns"] > T0 + 600 * NS for o in orders)
