@@ -565,5 +565,76 @@ async def _train_here(loaded: LoadedConfig, models: list[str], candles: Path | N
             await store.close()
 
 
+@main.command()
+@click.option("--config", "config_path", required=True, type=click.Path(dir_okay=False))
+@click.option(
+    "--files", "files", multiple=True, help="Recording or tick files to replay (globs allowed; repeatable)."
+)
+@click.option(
+    "--from", "first", type=click.DateTime(["%Y-%m-%d"]), default=None, help="First day from the store."
+)
+@click.option(
+    "--to", "last", type=click.DateTime(["%Y-%m-%d"]), default=None, help="Last day (default: --from)."
+)
+@click.option(
+    "--out",
+    "out_dir",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=None,
+    help="Where to write the files (default: <data_dir>/backtest).",
+)
+@click.option(
+    "--step", "step_s", type=click.IntRange(1), default=60, show_default=True, help="Seconds a step."
+)
+@click.option("--no-progress", is_flag=True, help="No progress bar.")
+def backtest(  # noqa: PLR0917  (click passes every option)
+    config_path: str,
+    files: tuple[str, ...],
+    first: datetime | None,
+    last: datetime | None,
+    out_dir: Path | None,
+    step_s: int,
+    no_progress: bool,
+) -> None:
+    """Replay trades through the configured bar builder, predictor and trader on a simulated clock.
+
+    The trades come from recording or tick files (--files), or from the store's ticks table (--from,
+    --to; restore archived days first with `alphaengine archive restore`). The champions of the
+    configured registry predict. Writes fills.csv, orders.csv, equity.csv, summary.json and
+    tearsheet.html; two runs on the same data give the same fills.csv to the byte (docs/trading.md).
+    """
+    from alphaengine.backtest.command import run_backtest  # noqa: PLC0415
+    from alphaengine.kernel.engine import resolve_path  # noqa: PLC0415
+
+    loaded = _load_or_exit(config_path)
+    _setup_logging("WARNING")
+    if first is None and last is not None:
+        raise click.UsageError("--to needs --from")
+    days = None if first is None else (first.date(), (last or first).date())
+    target = out_dir or resolve_path(str(Path(loaded.app.engine.data_dir) / "backtest"))
+    try:
+        summary, written = _run_async(
+            run_backtest(
+                loaded, files=files, days=days, out_dir=target, step_s=step_s, show_progress=not no_progress
+            )
+        )
+    except AlphaEngineError as exc:
+        click.echo(f"alphaengine: {exc}", err=True)
+        sys.exit(1)
+    perf = summary["performance"]
+    click.echo(
+        f"{summary['data']['ticks']:,} trades from {summary['data']['first']} to {summary['data']['last']} "
+        f"in {summary['run']['wall_s']:.1f} s ({summary['run']['ticks_per_s'] or 0:,} trades/s)"
+    )
+    click.echo(
+        f"equity {summary['equity']['initial_usd']:,.2f} -> {summary['equity']['final_usd']:,.2f} USD, "
+        f"{perf['fills']} fills, fees {perf['fees_usd']:,.2f} USD, "
+        f"max drawdown {perf['max_drawdown'] or 0:.2%}"
+    )
+    click.echo(f"models: {summary['models'] or 'none traded'}; rejections: {summary['rejections'] or 'none'}")
+    for name, path in written.items():
+        click.echo(f"  {name:<10} {path}")
+
+
 if __name__ == "__main__":  # pragma: no cover
     main()

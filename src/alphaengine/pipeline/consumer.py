@@ -66,6 +66,8 @@ class ConsumerModule(Module[S]):
     # -- machinery --------------------------------------------------------------------------------
 
     _consumer: Consumer | None = None
+    _handled: dict[TopicPartition, int]
+    """Per partition, the offset after the last record handled (or where reading started)."""
 
     @property
     def consumer(self) -> Consumer:
@@ -88,6 +90,12 @@ class ConsumerModule(Module[S]):
             await self.ctx.bus.create_topic(topic + DLQ_SUFFIX)
         self._consumer = self.ctx.bus.consumer(self.group, list(self.topics()))
         await self._consumer.start()
+        tps = sorted(self._consumer.assignment())
+        beginnings = await self.ctx.bus.beginning_offsets(tps) if tps else {}
+        self._handled = {}
+        for tp in tps:
+            committed = await self._consumer.committed(tp)
+            self._handled[tp] = committed.offset if committed is not None else beginnings[tp]
         await self.on_assigned(self.consumer)
         self.spawn(self._run(), "consume")
 
@@ -109,6 +117,8 @@ class ConsumerModule(Module[S]):
             records = await self.consumer.getmany(cfg.max_records, cfg.poll_timeout_s)
             if records:
                 await self.handle(records)
+                for record in records:
+                    self._handled[record.tp] = record.offset + 1
             now = time.monotonic()
             if self.needs_flush() or now - last_flush >= cfg.flush_interval_s:
                 await self._flush_and_commit()
@@ -122,6 +132,16 @@ class ConsumerModule(Module[S]):
                 break
         await self._flush_and_commit()
         CONSUMER_LAG.labels(self.name).set(0)
+
+    async def caught_up(self) -> bool:
+        """Whether every record written to this module's partitions so far has been handled.
+
+        The backtest waits for this between steps. (A module that seeks back in ``on_assigned`` reads
+        those records again, which only delays the answer.)
+        """
+        tps = sorted(self._handled)
+        ends = await self.ctx.bus.end_offsets(tps)
+        return all(self._handled[tp] >= ends[tp] for tp in tps)
 
     def _drain_over(self) -> bool:
         if self.drain_until is None or time.monotonic() < self.drain_until:

@@ -214,6 +214,30 @@ EQUITY = TableSpec(
     doc="The equity curve of each paper account, a point every equity_interval_s, once per (account, ts_ns).",
 )
 
+SIGNALS = TableSpec(
+    name="signals",
+    columns=(
+        _TS,
+        _ACCOUNT,
+        _str("signal_id"),
+        _i64("ts_ns"),
+        _VENUE,
+        _SYMBOL,
+        _i64("bar_ts_ns"),
+        _i64("horizon_s"),
+        _f64("score"),
+        _f64("confidence"),
+        _str("models"),
+        _str("model_values"),
+        _str("model_weights"),
+    ),
+    key=("account", "signal_id"),
+    doc=(
+        "Every signal the trader decided on, once per (account, signal_id): the ensembled score and, as "
+        "JSON arrays in the same order, the contributing model@version, their values and their shares."
+    ),
+)
+
 TRADER_STATE = TableSpec(
     name="trader_state",
     columns=(
@@ -238,7 +262,7 @@ MIGRATIONS: tuple[Migration, ...] = (
     Migration(2, "archive manifest", tables=(ARCHIVE_MANIFEST,)),
     Migration(3, "feed gaps", tables=(FEED_GAPS,)),
     Migration(4, "diagnostics", tables=(DIAGNOSTICS,)),
-    Migration(5, "trading", tables=(FILLS, ORDERS, EQUITY, TRADER_STATE)),
+    Migration(5, "trading", tables=(SIGNALS, FILLS, ORDERS, EQUITY, TRADER_STATE)),
 )
 """Every schema change in order; a store applies those whose version it has not recorded."""
 

@@ -252,7 +252,8 @@ class TradingCore:
             self.out.rejections.append(rejection)
             if rejection.check == "max_drawdown":
                 self.out.halts.append(rejection)
-            rejected = msgspec.structs.replace(order, status=OrderStatus.REJECTED, reason=rejection.reason)
+            reason = f"{rejection.check}: {rejection.reason}"
+            rejected = msgspec.structs.replace(order, status=OrderStatus.REJECTED, reason=reason)
             self.out.orders.append((order.ts_ns, rejected))
             return
         self.broker.submit(key, order)

@@ -3,7 +3,7 @@
 It reads the ``ticks`` and ``predictions`` topics into a :class:`~alphaengine.trading.TradingCore`,
 steps it after every poll, and publishes what the core did: signals to ``signals``, orders (new,
 rejected with the reason, filled, canceled) to ``orders``, fills to ``fills`` and positions to
-``positions``; the fills, orders and equity curve also go into the store.
+``positions``; the signals, fills, orders and equity curve also go into the store.
 
 Recovery. Every ``snapshot_interval_s`` (and at a graceful stop) the module writes the core's state to
 the ``trader_state`` table with the bus positions it corresponds to, after the fills, orders and equity
@@ -37,7 +37,7 @@ import pyarrow as pa
 from alphaengine import metrics
 from alphaengine.bus.base import Consumer, OffsetAndMetadata, Record, RecordMetadata, TopicPartition
 from alphaengine.codec import SCHEMA_HEADER, decode_event, decode_ticks, encode_event, event_schema
-from alphaengine.domain import Event, Fill, Liquidity, Order, Prediction, Side
+from alphaengine.domain import Event, Fill, Liquidity, Order, Prediction, Side, Signal
 from alphaengine.errors import AlphaEngineError, ConfigError
 from alphaengine.kernel.module import AdminHandler, Context, ModuleSettings
 from alphaengine.pipeline.consumer import ConsumerModule, ConsumerSettings
@@ -88,7 +88,7 @@ class Trader(ConsumerModule[TraderSettings]):
         super().__init__(name, config, ctx)
         self.core = TradingCore(config.core())
         self._pending: list[asyncio.Future[RecordMetadata]] = []
-        self._rows: dict[str, list[dict[str, Any]]] = {"fills": [], "orders": [], "equity": []}
+        self._rows: dict[str, list[dict[str, Any]]] = {"signals": [], "fills": [], "orders": [], "equity": []}
         self._tick_records: dict[TopicPartition, deque[tuple[int, int]]] = {}
         """Per ticks partition, (offset, newest trade time) of each record read since the last commit."""
         self._next: dict[TopicPartition, int] = {}
@@ -224,6 +224,14 @@ class Trader(ConsumerModule[TraderSettings]):
         await self._send(self.core.drain())
         self._sync_mode()
 
+    async def finish(self, until_ns: int) -> None:
+        """Move the core to ``until_ns`` whatever the hold, and send what it did.
+
+        The end of a backtest: called while the module is idle, every record read and handled.
+        """
+        self.core.run_until(until_ns)
+        await self._send(self.core.drain())
+
     async def _send(self, out: Outbox) -> None:
         cfg = self.config
         account = cfg.account
@@ -231,6 +239,7 @@ class Trader(ConsumerModule[TraderSettings]):
             metrics.SIGNALS.labels(e.symbol, "signal" if e.signal else "none").inc()
             if e.signal is not None:
                 await self._publish(cfg.signals_topic, e.signal, e.venue, e.symbol)
+                self._rows["signals"].append(_signal_row(account, e.signal))
         for rejection in out.rejections:
             metrics.RISK_REJECTIONS.labels(rejection.check).inc()
             self.log.info("order rejected by %s: %s", rejection.check, rejection.reason)
@@ -421,6 +430,23 @@ class Trader(ConsumerModule[TraderSettings]):
         }
 
 
+def _signal_row(account: str, signal: Signal) -> dict[str, Any]:
+    return {
+        "account": account,
+        "signal_id": signal.signal_id,
+        "ts_ns": signal.ts_ns,
+        "venue": signal.venue,
+        "symbol": signal.symbol,
+        "bar_ts_ns": signal.bar_ts_ns,
+        "horizon_s": signal.horizon_s,
+        "score": signal.score,
+        "confidence": signal.confidence,
+        "models": msgspec.json.encode(signal.model_versions).decode(),
+        "model_values": msgspec.json.encode(signal.values).decode(),
+        "model_weights": msgspec.json.encode(signal.weights).decode(),
+    }
+
+
 def _order_row(account: str, updated_ns: int, order: Order) -> dict[str, Any]:
     return {
         "account": account,
@@ -444,4 +470,6 @@ def _iso(ts_ns: int) -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(ts_ns / 1e9))
 
 
-_SCHEMAS = {name: TABLES[name].input_schema for name in ("fills", "orders", "equity", "trader_state")}
+_SCHEMAS = {
+    name: TABLES[name].input_schema for name in ("signals", "fills", "orders", "equity", "trader_state")
+}
