@@ -39,5 +39,3 @@ async def train_champion(ctx: Context, **overrides: Any) -> str:
     finally:
         await retrainer.close()
     return ridge.version
-
-

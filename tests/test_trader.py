@@ -162,12 +162,12 @@ async def test_the_kill_switch_halts_until_resumed(ctx: Context, caplog: pytest.
     orders = (
         await ctx.store.query("SELECT ts_ns, status, reason FROM orders FINAL ORDER BY ts_ns")
     ).to_pylist()
-    fired = min(
-        o["ts_ns"] for o in orders if o["reason"].startswith(("max_drawdown:", "halted:"))
-    )
+    fired = min(o["ts_ns"] for o in orders if o["reason"].startswith(("max_drawdown:", "halted:")))
     after = [o for o in orders if o["ts_ns"] > fired]
     assert after, "signals kept coming after the halt"
-    assert all(o["status"] == "rejected" and o["reason"].startswith("halted: trading is halted") for o in after)
+    assert all(
+        o["status"] == "rejected" and o["reason"].startswith("halted: trading is halted") for o in after
+    )
 
     answer = await trader.commands()["resume"]({})
     assert answer["mode"] == "active"
