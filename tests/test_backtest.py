@@ -143,7 +143,6 @@ async def test_a_backtest_and_a_live_paper_run_make_the_same_fills(champion: Con
     _, fills_csv = await backtest(champion, tmp_path / "bt", BTC)
     backtested = read_fills(fills_csv)
     live = await live_paper_run(champion, BTC, speed=25.0)
-    print(f"{len(backtested)} fills backtested, {len(live)} live")
     assert len(backtested) >= 10
     # The live run ends hold_s behind its last trade; the backtest runs to the end.
     end = max(f.ts_ns for f in live)
