@@ -3,9 +3,10 @@
 Trades come from recording or tick files (merged in time order across files) or from the store's
 ``ticks`` table over a range of days; they go onto an in-memory bus in records of one symbol, as a
 source sends them, and the bar builder, the predictor (with the registry's champions) and the trader
-run on them exactly as in a live engine. The run proceeds in steps of ``step_s`` seconds of event time:
-the trades of a step are sent, the clock is set to the step's start, and the next step waits until
-every module has handled everything before it. With the trader holding ``step_s`` more than its live
+run on them exactly as in a live engine (a configuration with an ``ma_cross`` module backtests that
+rule instead of the predictor). The run proceeds in steps of ``step_s`` seconds of event time: the
+trades of a step are sent, the clock is set to the step's start, and the next step waits until every
+module has handled everything before it. With the trader holding ``step_s`` more than its live
 ``hold_s`` behind the newest trade, no bar's predictions can come after the trader passed it, so the
 fills are those a live run without delays makes, and two runs give the same fills to the byte.
 
@@ -35,6 +36,7 @@ from alphaengine.config import LoadedConfig
 from alphaengine.domain import TICK_SCHEMA, TickBatch
 from alphaengine.errors import AlphaEngineError
 from alphaengine.kernel.module import Context, ModuleState
+from alphaengine.models.ma_cross import MaCross, MaCrossSettings
 from alphaengine.models.predictor import Predictor, PredictorSettings
 from alphaengine.objectstore.base import ObjectStore
 from alphaengine.pipeline.bar_builder import BarBuilder, BarBuilderSettings
@@ -78,6 +80,10 @@ class BacktestRun:
     """The model versions the predictor traded with."""
 
 
+def _has(loaded: LoadedConfig | None, cls: type[Any]) -> bool:
+    return loaded is not None and any(type(m.settings) is cls and m.enabled for m in loaded.modules)
+
+
 def _settings_of(loaded: LoadedConfig | None, cls: type[Any], **overrides: Any) -> Any:
     """The settings of the first configured module of that settings class, else the defaults."""
     base = None
@@ -99,7 +105,7 @@ class Backtest:
         work_dir: Path,
         step_s: int = 60,
         trader: TraderSettings | None = None,
-        predictor: PredictorSettings | None = None,
+        predictor: PredictorSettings | MaCrossSettings | None = None,
     ) -> None:
         if step_s < 1:
             raise BacktestError(f"step_s must be at least 1, not {step_s}")
@@ -110,8 +116,13 @@ class Backtest:
         self.trader_settings = msgspec.structs.replace(
             live_trader, hold_s=live_trader.hold_s + step_s, snapshot_interval_s=1e9
         )
-        live_predictor = predictor or _settings_of(loaded, PredictorSettings)
-        self.predictor_settings = msgspec.structs.replace(live_predictor, warm_up=False)
+        configured = _settings_of(loaded, MaCrossSettings) if _has(loaded, MaCrossSettings) else None
+        chosen = predictor or configured or _settings_of(loaded, PredictorSettings)
+        self.predictor_settings: PredictorSettings | MaCrossSettings = (
+            msgspec.structs.replace(chosen, warm_up=False)
+            if isinstance(chosen, PredictorSettings)
+            else chosen
+        )
         intervals = sorted({1, self.predictor_settings.bar_interval_s})
         self.bar_settings = _settings_of(loaded, BarBuilderSettings, intervals_s=tuple(intervals))
 
@@ -128,7 +139,11 @@ class Backtest:
         for topic in ("ticks", "bars", "predictions"):
             await bus.create_topic(topic)
         bars = BarBuilder("bar_builder", self.bar_settings, ctx)
-        predictor = Predictor("predictor", self.predictor_settings, ctx)
+        predictor: Predictor | MaCross = (
+            Predictor("predictor", self.predictor_settings, ctx)
+            if isinstance(self.predictor_settings, PredictorSettings)
+            else MaCross("ma_cross", self.predictor_settings, ctx)
+        )
         trader = Trader("trader", self.trader_settings, ctx)
         modules: list[ConsumerModule[Any]] = [bars, predictor, trader]
         ticks = first = last = 0
@@ -175,7 +190,8 @@ class Backtest:
             raise
         finally:
             await bus.close()
-        return BacktestRun(store, trader, ticks, first, last, time.monotonic() - started, predictor.champions)
+        champions = predictor.champions if isinstance(predictor, Predictor) else {"ma_cross": "rule"}
+        return BacktestRun(store, trader, ticks, first, last, time.monotonic() - started, champions)
 
 
 async def _send(bus: MemoryBus, batch: TickBatch) -> None:
