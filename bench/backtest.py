@@ -127,7 +127,8 @@ def main() -> None:
         ours = asyncio.run(run_alphaengine(path, Path(tmp) / "work"))
         rate = ours["trades"] / ours["run_s"]
         print(
-            f"alphaengine: {ours['trades']:,} trades in {ours['run_s']:.2f} s = {rate:,.0f} trades/s, {ours['fills']} fills"
+            f"alphaengine: {ours['trades']:,} trades in {ours['run_s']:.2f} s = {rate:,.0f} trades/s, "
+            f"{ours['fills']} fills"
         )
         if args.no_nautilus:
             return
@@ -135,7 +136,8 @@ def main() -> None:
         their_rate = theirs["trades"] / theirs["run_s"]
         print(
             f"NautilusTrader {NAUTILUS_VERSION}: {theirs['trades']:,} trades in {theirs['run_s']:.2f} s "
-            f"= {their_rate:,.0f} trades/s, {theirs['fills']} fills (building its ticks: {theirs['build_s']:.2f} s)"
+            f"= {their_rate:,.0f} trades/s, {theirs['fills']} fills "
+            f"(building its ticks: {theirs['build_s']:.2f} s)"
         )
         print(f"ratio alphaengine / NautilusTrader: {rate / their_rate:.2f}")
 
