@@ -196,7 +196,7 @@ class TradingCore:
         before = self.market.marks()
         executions: list[Execution] = []
         empty = (np.empty(0, np.int64), np.empty(0, np.float64), np.empty(0, np.float64))
-        for key in sorted({k for k, _o in self._open_keys()} | set(windows)):
+        for key in sorted({instrument(o.venue, o.symbol) for o in self.broker.open_orders} | set(windows)):
             ts, price, qty = windows.get(key, empty)
             executions.extend(self.broker.on_trades(key, ts, price, qty, until_ns))
         for key in sorted(set(self.market.instruments) | set(windows)):
@@ -216,9 +216,6 @@ class TradingCore:
             self._execute(nxt)
             nxt = next(pending, None)
         self.now_ns = until_ns
-
-    def _open_keys(self) -> list[tuple[str, Order]]:
-        return [(instrument(o.venue, o.symbol), o) for o in self.broker.open_orders]
 
     def _execute(self, e: Execution) -> None:
         self.out.orders.append((e.ts_ns, e.order))
