@@ -12,9 +12,11 @@ from prometheus_client import REGISTRY
 
 from alphaengine.codec import decode_event, encode_event, encode_ticks
 from alphaengine.domain import Fill, Liquidity, Side
+from alphaengine.errors import ConfigError
 from alphaengine.kernel.module import Context, ModuleState
 from alphaengine.trading import Portfolio, TradingCore
 from alphaengine.trading.module import Trader, TraderSettings
+from alphaengine.trading.report import render_positions, render_risk
 from tests.trading_market import MARKET, NS, SECONDS, SETTINGS, SYMBOLS, T0, batch
 
 CHUNK_S = 2
@@ -177,3 +179,33 @@ async def test_the_kill_switch_halts_until_resumed(ctx: Context, caplog: pytest.
     await trader.stop()
     orders = (await ctx.store.query("SELECT ts_ns, status FROM orders FINAL WHERE ts_ns > 0")).to_pylist()
     assert any(o["status"] == "filled" and o["ts_ns"] > T0 + 600 * NS for o in orders)
+
+
+async def test_limits_set_at_run_time_are_checked_and_survive_a_restart(ctx: Context) -> None:
+    for topic in ("ticks", "predictions"):
+        await ctx.bus.create_topic(topic)
+    trader = Trader("trader", trader_settings(), ctx)
+    await trader.start()
+    await publish(ctx, 0, 120)
+    await settle(trader, T0 + 110 * NS)
+    commands = trader.commands()
+    answer = await commands["set-limits"]({"max_order_notional_usd": 1234.0, "max_orders_per_minute": 7})
+    assert answer["limits"]["max_order_notional_usd"] == 1234.0
+    with pytest.raises(ConfigError, match="max_drawdown_pct"):
+        await commands["set-limits"]({"max_drawdown_pct": -1})
+    with pytest.raises(ConfigError, match="no_such_limit"):
+        await commands["set-limits"]({"no_such_limit": 1})
+    await commands["pause"]({"reducing_only": True, "reason": "end of day"})
+    text = render_positions(await commands["positions"]({})) + render_risk(await commands["risk"]({}))
+    assert "trading REDUCING: end of day" in text
+    assert "max_order_notional_usd" in text
+    await asyncio.sleep(0.3)  # the next flush saves the change
+    await trader.abort()
+
+    again = Trader("trader", trader_settings(), ctx)
+    await again.start()
+    risk = await again.commands()["risk"]({})
+    await again.stop()
+    assert risk["limits"]["max_order_notional_usd"] == 1234.0
+    assert risk["limits"]["max_orders_per_minute"] == 7
+    assert (risk["mode"], risk["reason"]) == ("reducing", "end of day")
