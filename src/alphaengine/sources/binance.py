@@ -296,6 +296,10 @@ def _convert(columns: list[list[Any]]) -> _Converted | None:
         return None
     if set(map(type, makers)) != {bool}:
         return None
+    # Polars is only ever given strings: some other values (found by fuzzing) sent its conversion
+    # fallback into allocating gigabytes before it failed.
+    if set(map(type, prices)) != {str} or set(map(type, qtys)) != {str}:
+        return None
     maker = np.array(makers, dtype=np.bool_)
     try:
         symbol = pa.array(syms, type=pa.string())
