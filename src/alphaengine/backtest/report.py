@@ -30,7 +30,7 @@ import numpy.typing as npt
 import orjson
 
 from alphaengine.backtest.runner import BacktestRun
-from alphaengine.domain import Fill, Liquidity, Side
+from alphaengine.domain import Fill, Side
 from alphaengine.trading.portfolio import Holding, instrument
 from alphaengine.trading.stats import performance
 
@@ -247,22 +247,8 @@ def write(out_dir: Path, results: Results, summary: dict[str, Any]) -> dict[str,
 
 def read_fills(path: Path) -> list[Fill]:
     """The fills of a ``fills.csv``."""
-    with path.open(newline="") as f:
-        return [
-            Fill(
-                fill_id=r["fill_id"],
-                order_id=r["order_id"],
-                ts_ns=int(r["ts_ns"]),
-                venue=r["venue"],
-                symbol=r["symbol"],
-                side=Side(r["side"]),
-                qty=float(r["qty"]),
-                price=float(r["price"]),
-                fee_usd=float(r["fee_usd"]),
-                liquidity=Liquidity(r["liquidity"]),
-            )
-            for r in csv.DictReader(f)
-        ]
+    with path.open(newline="") as f:  # CSV gives strings: strict=False converts the numbers
+        return [msgspec.convert({"type": "fill", **r}, Fill, strict=False) for r in csv.DictReader(f)]
 
 
 # -- the tearsheet ---------------------------------------------------------------------------------

@@ -37,7 +37,7 @@ import pyarrow as pa
 from alphaengine import metrics
 from alphaengine.bus.base import Consumer, OffsetAndMetadata, Record, RecordMetadata, TopicPartition
 from alphaengine.codec import SCHEMA_HEADER, decode_event, decode_ticks, encode_event, event_schema
-from alphaengine.domain import Event, Fill, Liquidity, Order, Prediction, Side, Signal
+from alphaengine.domain import Event, Fill, Order, Prediction, Signal
 from alphaengine.errors import AlphaEngineError, ConfigError
 from alphaengine.kernel.module import AdminHandler, Context, ModuleSettings
 from alphaengine.pipeline.consumer import ConsumerModule, ConsumerSettings
@@ -167,24 +167,7 @@ class Trader(ConsumerModule[TraderSettings]):
             f"FROM fills FINAL WHERE account = '{self.config.account}' AND seq <= {state.portfolio.fill_seq} "
             "ORDER BY seq"
         )
-        fills = [
-            (
-                int(r["seq"]),
-                Fill(
-                    fill_id=r["fill_id"],
-                    order_id=r["order_id"],
-                    ts_ns=int(r["ts_ns"]),
-                    venue=r["venue"],
-                    symbol=r["symbol"],
-                    side=Side(r["side"]),
-                    qty=float(r["qty"]),
-                    price=float(r["price"]),
-                    fee_usd=float(r["fee_usd"]),
-                    liquidity=Liquidity(r["liquidity"]),
-                ),
-            )
-            for r in table.to_pylist()
-        ]
+        fills = [(int(r["seq"]), msgspec.convert({"type": "fill", **r}, Fill)) for r in table.to_pylist()]
         if len(fills) != state.portfolio.fill_seq:
             raise AlphaEngineError(
                 f"the fills log of account {self.config.account} holds {len(fills)} fills up to the "
