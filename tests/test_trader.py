@@ -160,6 +160,7 @@ async def test_the_kill_switch_halts_until_resumed(ctx: Context, caplog: pytest.
     assert trader.state is ModuleState.DEGRADED
     assert "kill switch" in trader.detail
     assert REGISTRY.get_sample_value("alphaengine_trading_halted") == 1.0
+    assert REGISTRY.get_sample_value("alphaengine_risk_limit", {"limit": "max_drawdown_pct"}) == 0.1
     assert any("trading halted: kill switch" in r.getMessage() for r in caplog.records)
     orders = (
         await ctx.store.query("SELECT ts_ns, status, reason FROM orders FINAL ORDER BY ts_ns")

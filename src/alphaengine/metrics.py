@@ -356,3 +356,8 @@ POSITION_NOTIONAL = Gauge(
     "Signed notional of the position in a symbol at its last trade.",
     ["symbol"],
 )
+RISK_LIMIT = Gauge(
+    "alphaengine_risk_limit",
+    "The risk limits in force, by name (the name carries the unit: _usd, _pct, _s, _bps, per minute).",
+    ["limit"],
+)

@@ -261,6 +261,8 @@ class Trader(ConsumerModule[TraderSettings]):
         metrics.EQUITY.set(core.portfolio.equity(marks))
         metrics.DRAWDOWN.set(core.last_equity.drawdown if core.last_equity else 0.0)
         metrics.TRADING_HALTED.set(0.0 if core.risk.mode is TradingMode.ACTIVE else 1.0)
+        for name, value in msgspec.structs.asdict(core.risk.limits).items():
+            metrics.RISK_LIMIT.labels(name).set(float(value))
         self._sync_mode()
         for key, holding in core.portfolio.holdings.items():
             _, symbol = split_instrument(key)
@@ -382,6 +384,7 @@ class Trader(ConsumerModule[TraderSettings]):
             raise ConfigError([str(exc)], source="set-limits") from exc
         self.core.set_limits(limits)
         self._dirty_limits = True
+        self._publish_gauges()
         self.log.warning("risk limits changed by the operator: %s", args)
         return await self._cmd_risk({})
 
