@@ -361,3 +361,37 @@ RISK_LIMIT = Gauge(
     "The risk limits in force, by name (the name carries the unit: _usd, _pct, _s, _bps, per minute).",
     ["limit"],
 )
+
+
+def catalogue() -> str:
+    """``docs/metrics.md``: every metric of this module with its type, labels and meaning (Markdown).
+
+    Regenerate with ``.venv/bin/python -m alphaengine.metrics > docs/metrics.md``; a test keeps the file
+    equal to this.
+    """
+    rows = []
+    # prometheus_client keeps a metric's name, type, labels and help in private attributes.
+    for obj in list(globals().values()):
+        if isinstance(obj, MetricWrapperBase):
+            kind = obj._type
+            name = obj._name + ("_total" if kind == "counter" else "")
+            labels = ", ".join(f"`{label}`" for label in obj._labelnames) or "-"
+            doc = obj._documentation.replace("|", "\\|")
+            rows.append(f"| `{name}` | {kind} | {labels} | {doc} |")
+    head = [
+        "# Metrics",
+        "",
+        "Every metric the engine exports on `[metrics] port` (`/metrics`), generated from",
+        "`src/alphaengine/metrics.py` by `.venv/bin/python -m alphaengine.metrics > docs/metrics.md`. Names",
+        "follow Prometheus conventions: the `alphaengine_` prefix, base units in the name, `_total` on",
+        "counters; histograms add `_bucket`, `_sum` and `_count`. Label values are bounded by configuration",
+        "(modules, symbols, models, risk checks), never by data.",
+        "",
+        "| metric | type | labels | meaning |",
+        "|---|---|---|---|",
+    ]
+    return "\n".join([*head, *sorted(rows)]) + "\n"
+
+
+if __name__ == "__main__":
+    print(catalogue(), end="")
