@@ -2,7 +2,7 @@
 # Validates the deployment files without a Docker engine (`make deploy-check`, CI):
 #   - Prometheus: configuration, alert rules, and the rules' unit tests (promtool);
 #   - compose.yaml, with the placeholder secrets of .env.example (docker-compose config);
-#   - every Grafana dashboard is valid JSON.
+#   - every Grafana dashboard is valid JSON, and every PromQL query of its panels parses (promtool).
 # Installs promtool (Debian's `prometheus` package) and docker-compose when they are missing; exits
 # non-zero on the first failure. Safe to run any number of times.
 set -euo pipefail
@@ -57,5 +57,28 @@ for dashboard in "${dashboards[@]}"; do
     "$PYTHON" -m json.tool "$dashboard" >/dev/null
     echo "$dashboard: valid JSON"
 done
+
+echo "== Grafana dashboards: every PromQL query parses"
+# promtool parses the queries as recording rules, with Grafana's range macros replaced by a duration.
+queries=$(mktemp --suffix=.yml)
+trap 'rm -f "$env_file" "$queries"' EXIT
+"$PYTHON" - "${dashboards[@]}" >"$queries" <<'PY'
+import json
+import sys
+
+print("groups:\n  - name: dashboard-queries\n    rules:")
+for path in sys.argv[1:]:
+    dashboard = json.load(open(path))
+    uid = dashboard["uid"].replace("-", "_")
+    for panel in dashboard["panels"]:
+        for target in panel.get("targets", []):
+            if target.get("datasource", {}).get("type") != "prometheus":
+                continue
+            expr = target["expr"].replace("$__rate_interval", "1m").replace("$__range", "1h")
+            print(f"      - record: {uid}:panel{panel['id']}:{target['refId']}")
+            print(f"        expr: {json.dumps(expr)}")
+PY
+promtool check rules --lint-fatal "$queries" >/dev/null
+echo "$(grep -c 'record:' "$queries") PromQL queries: valid"
 
 echo "check-deploy: all checks passed"
