@@ -11,7 +11,7 @@ import pytest
 from prometheus_client import REGISTRY
 
 from alphaengine.codec import decode_event, encode_event, encode_ticks
-from alphaengine.domain import Fill, Liquidity, Side
+from alphaengine.domain import Fill
 from alphaengine.errors import ConfigError
 from alphaengine.kernel.module import Context, ModuleState
 from alphaengine.trading import Portfolio, TradingCore
@@ -80,10 +80,7 @@ async def stored_fills(ctx: Context) -> list[tuple[int, Fill]]:
         "SELECT seq, fill_id, order_id, ts_ns, venue, symbol, side, qty, price, fee_usd, liquidity "
         "FROM fills FINAL WHERE account = 'paper' ORDER BY seq"
     )
-    rows = table.to_pylist()
-    for r in rows:
-        r["side"], r["liquidity"] = Side(r["side"]), Liquidity(r["liquidity"])
-    return [(int(r.pop("seq")), Fill(**r)) for r in rows]
+    return [(int(r["seq"]), msgspec.convert({"type": "fill", **r}, Fill)) for r in table.to_pylist()]
 
 
 async def test_the_trader_fills_as_the_core_does_and_publishes_them(ctx: Context) -> None:

@@ -14,6 +14,7 @@ from hypothesis import strategies as st
 from alphaengine.domain import Fill, Liquidity, Order, OrderStatus, OrderType, Prediction, Side, Signal
 from alphaengine.trading import (
     BrokerSettings,
+    EquityPoint,
     MarketState,
     PaperBroker,
     Portfolio,
@@ -163,6 +164,15 @@ def check(risk: RiskEngine, o: Order, p: Portfolio, quote: Quote = QUOTE, mark: 
     return None if rejection is None else rejection.check
 
 
+def equity_point(equity_usd: float, *, drawdown: float) -> EquityPoint:
+    """A point of the equity curve at T0 with only equity and drawdown set."""
+    zero = dict.fromkeys(
+        ("cash_usd", "realized_usd", "unrealized_usd", "fees_usd", "gross_exposure_usd", "net_exposure_usd"),
+        0.0,
+    )
+    return EquityPoint(ts_ns=T0, equity_usd=equity_usd, drawdown=drawdown, **zero)
+
+
 def test_halted_rejects_everything_until_resumed() -> None:
     risk = engine()
     risk.pause("operator")
@@ -216,23 +226,9 @@ def test_max_gross_exposure() -> None:
 
 
 def test_daily_loss_limit_allows_only_reducing() -> None:
-    from alphaengine.trading.portfolio import EquityPoint
-
     risk = engine()
     p = holding(10)
-    risk.on_equity(
-        EquityPoint(
-            ts_ns=T0,
-            equity_usd=10_000,
-            cash_usd=0,
-            realized_usd=0,
-            unrealized_usd=0,
-            fees_usd=0,
-            gross_exposure_usd=0,
-            net_exposure_usd=0,
-            drawdown=0,
-        )
-    )
+    risk.on_equity(equity_point(10_000.0, drawdown=0.0))
     assert check(risk, order(Side.BUY, 1.0), p, mark=100.0) is None
     # The mark falls 11 USD: 110 USD lost today on 10 BTC.
     assert check(risk, order(Side.BUY, 1.0), p, mark=89.0) == "daily_loss"
@@ -240,8 +236,6 @@ def test_daily_loss_limit_allows_only_reducing() -> None:
 
 
 def test_drawdown_kill_switch_fires_and_holds_until_resume() -> None:
-    from alphaengine.trading.portfolio import EquityPoint
-
     risk = engine(max_daily_loss_usd=1e9)
     p = holding(10, cash=1_000.0)  # 1,000 USD of equity in 10 units at 100
     assert check(risk, order(Side.SELL, 1.0), p, mark=96.0) is None  # 4 % down
@@ -252,17 +246,7 @@ def test_drawdown_kill_switch_fires_and_holds_until_resume() -> None:
     risk.resume()
     assert check(risk, order(Side.SELL, 1.0), p, mark=100.0) is None
     # And from the equity curve:
-    point = EquityPoint(
-        ts_ns=T0,
-        equity_usd=940,
-        cash_usd=0,
-        realized_usd=0,
-        unrealized_usd=0,
-        fees_usd=0,
-        gross_exposure_usd=0,
-        net_exposure_usd=0,
-        drawdown=0.06,
-    )
+    point = equity_point(940.0, drawdown=0.06)
     fired = risk.on_equity(point)
     assert fired is not None
     assert fired.check == "max_drawdown"

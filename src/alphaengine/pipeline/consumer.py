@@ -133,11 +133,19 @@ class ConsumerModule(Module[S]):
         await self._flush_and_commit()
         CONSUMER_LAG.labels(self.name).set(0)
 
+    def seek(self, tp: TopicPartition, offset: int) -> None:
+        """Read ``tp`` from ``offset`` next (restoring a position saved elsewhere than the commits)."""
+        self.consumer.seek(tp, offset)
+        self._handled[tp] = offset
+
+    def position(self, tp: TopicPartition) -> int:
+        """The offset after the last record of ``tp`` handled (or where reading started)."""
+        return self._handled[tp]
+
     async def caught_up(self) -> bool:
         """Whether every record written to this module's partitions so far has been handled.
 
-        The backtest waits for this between steps. (A module that seeks back in ``on_assigned`` reads
-        those records again, which only delays the answer.)
+        The backtest waits for this between steps.
         """
         tps = sorted(self._handled)
         ends = await self.ctx.bus.end_offsets(tps)

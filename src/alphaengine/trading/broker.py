@@ -94,16 +94,6 @@ class PaperBroker:
         """Accept an order for the instrument ``key``; it meets the trades after its arrival time."""
         self._working.setdefault(key, []).append(_Working(order))
 
-    def cancel_all(self, ts_ns: int, reason: str) -> list[Execution]:
-        """Cancel every open order (a halt)."""
-        out = [
-            self._close(w, ts_ns, OrderStatus.CANCELED, reason)
-            for orders in self._working.values()
-            for w in orders
-        ]
-        self._working.clear()
-        return out
-
     def on_trades(
         self,
         key: str,

@@ -81,7 +81,6 @@ class CoreState(msgspec.Struct, frozen=True, kw_only=True):
     """The core as data: everything but the trades not yet applied (those are read again)."""
 
     now_ns: int
-    newest_ns: int
     next_equity_ns: int
     portfolio: PortfolioState
     risk: RiskState
@@ -282,7 +281,6 @@ class TradingCore:
         """The core as data (the trades not yet applied excepted: the trader reads them again)."""
         return CoreState(
             now_ns=self.now_ns,
-            newest_ns=self.newest_ns,
             next_equity_ns=self.next_equity_ns,
             portfolio=self.portfolio.state(),
             risk=self.risk.state(),
@@ -297,7 +295,7 @@ class TradingCore:
     def restore(self, state: CoreState, portfolio: Portfolio | None = None) -> None:
         """Continue from ``state``; ``portfolio``, when given, replaces the state's (rebuilt from fills)."""
         self.now_ns = state.now_ns
-        self.newest_ns = state.now_ns
+        self.newest_ns = state.now_ns  # the trades after now_ns are read again, and raise it
         self.next_equity_ns = state.next_equity_ns
         self.portfolio = portfolio if portfolio is not None else Portfolio.from_state(state.portfolio)
         self.portfolio.peak_equity_usd = state.portfolio.peak_equity_usd

@@ -113,8 +113,8 @@ class Trader(ConsumerModule[TraderSettings]):
         )
         if not row.num_rows:
             self.log.info("account %s starts with %.2f USD", cfg.account, cfg.initial_cash_usd)
+            self._note_positions(consumer)
             self._publish_gauges()
-            await self._note_positions(consumer)
             return
         state = msgspec.json.decode(row["state"][0].as_py(), type=CoreState)
         portfolio = await self._rebuild_portfolio(state)
@@ -123,9 +123,8 @@ class Trader(ConsumerModule[TraderSettings]):
             topic, _, partition = key.rpartition("/")
             tp = TopicPartition(topic, int(partition))
             if tp in consumer.assignment():
-                consumer.seek(tp, offset)
-                self._next[tp] = offset
-        await self._note_positions(consumer)
+                self.seek(tp, offset)
+        self._note_positions(consumer)
         self.log.info(
             "account %s restored at %s: %d fills, equity %.2f USD, trading %s",
             cfg.account,
@@ -136,14 +135,11 @@ class Trader(ConsumerModule[TraderSettings]):
         )
         self._publish_gauges()
 
-    async def _note_positions(self, consumer: Consumer) -> None:
-        """Where each predictions partition will be read from (to tell a backlog from the live edge)."""
-        tps = [tp for tp in consumer.assignment() if tp.topic == self.config.predictions_topic]
-        unknown = [tp for tp in tps if tp not in self._next]
-        beginnings = await self.ctx.bus.beginning_offsets(unknown) if unknown else {}
-        for tp in unknown:
-            committed = await consumer.committed(tp)
-            self._next[tp] = committed.offset if committed is not None else beginnings[tp]
+    def _note_positions(self, consumer: Consumer) -> None:
+        """Where each predictions partition is read from (to tell a backlog from the live edge)."""
+        for tp in consumer.assignment():
+            if tp.topic == self.config.predictions_topic:
+                self._next[tp] = self.position(tp)
 
     async def _prediction_bound(self) -> int | None:
         """How far the core may go: not past the predictions read of a partition that has more to read.

@@ -115,8 +115,6 @@ class Portfolio:
         self.fill_seq = 0
         """How many fills have been applied: the sequence number of the last one."""
         self.peak_equity_usd = initial_cash_usd
-        self.last_realized_usd = 0.0
-        """PnL the last fill applied realized (before its fee)."""
 
     # -- fills --------------------------------------------------------------------------------------
 
@@ -133,7 +131,7 @@ class Portfolio:
         key = instrument(fill.venue, fill.symbol)
         holding = self.holdings.setdefault(key, Holding())
         signed = fill.qty if fill.side is Side.BUY else -fill.qty
-        self.last_realized_usd = holding.apply(signed, fill.price, fill.fee_usd)
+        holding.apply(signed, fill.price, fill.fee_usd)
         self.cash_usd -= signed * fill.price + fill.fee_usd
         self.fill_seq = seq
         return Position(

@@ -119,7 +119,6 @@ class RiskState(msgspec.Struct, frozen=True, kw_only=True):
     day: int
     day_start_equity_usd: float | None
     order_times_ns: list[int]
-    orders: int
 
 
 class RiskEngine:
@@ -133,8 +132,6 @@ class RiskEngine:
         self._day = -1
         self._day_start_equity: float | None = None
         self._order_times: deque[int] = deque()
-        self.orders = 0
-        """Orders let through so far (numbers the order ids)."""
 
     # -- the operator ---------------------------------------------------------------------------------
 
@@ -234,7 +231,10 @@ class RiskEngine:
     def check(
         self, order: Order, quote: Quote, portfolio: Portfolio, marks: dict[str, float]
     ) -> Rejection | None:
-        """Every pre-trade check on ``order`` at its ``ts_ns``; None lets it through (and counts it)."""
+        """Every pre-trade check on ``order`` at its ``ts_ns``; None lets it through.
+
+        An order let through is counted toward the rate limit.
+        """
         lim = self.limits
         key = instrument(order.venue, order.symbol)
         held = portfolio.qty(key)
@@ -307,7 +307,6 @@ class RiskEngine:
                 f"{len(self._order_times)} orders in the last minute (limit {lim.max_orders_per_minute})",
             )
         self._order_times.append(order.ts_ns)
-        self.orders += 1
         return None
 
     # -- state --------------------------------------------------------------------------------------
@@ -320,7 +319,6 @@ class RiskEngine:
             day=self._day,
             day_start_equity_usd=self._day_start_equity,
             order_times_ns=list(self._order_times),
-            orders=self.orders,
         )
 
     def restore(self, state: RiskState) -> None:
@@ -330,4 +328,3 @@ class RiskEngine:
         self._day = state.day
         self._day_start_equity = state.day_start_equity_usd
         self._order_times = deque(state.order_times_ns)
-        self.orders = state.orders

@@ -57,15 +57,6 @@ class SignalEngine:
         self._done: dict[_Series, int] = {}
         """Per series, the open time of the newest bar ensembled."""
 
-    @property
-    def pending(self) -> int:
-        """Bars waiting for more predictions."""
-        return len(self._groups)
-
-    def oldest_pending_close_ns(self) -> int | None:
-        """Close time of the oldest bar still waiting (the trader must not move past it)."""
-        return min((g.close_ns for g in self._groups.values()), default=None)
-
     def add(self, p: Prediction) -> list[Ensembled]:
         """Take one prediction; returns the bars it completed (none, or its own)."""
         series = (p.venue, p.symbol, p.interval_s)
