@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -17,6 +15,7 @@ from alphaengine.domain import BarBatch, Prediction
 from alphaengine.kernel.module import Context
 from alphaengine.models.ma_cross import MaCross, MaCrossSettings
 from tests.conftest import real_file
+from tests.test_engine_e2e import cli
 
 NS = 1_000_000_000
 T0 = 1_700_000_000 * NS
@@ -106,24 +105,16 @@ min_volatility_samples = 5
     )
     recordings = str(real_file("binance-spot-ws/btcusdt_20240808.gz").parent / "*.gz")
     out = tmp_path / "out"
-    done = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "alphaengine",
-            "backtest",
-            "--config",
-            str(config),
-            "--files",
-            recordings,
-            "--out",
-            str(out),
-            "--no-progress",
-        ],
-        capture_output=True,
-        text=True,
+    done = cli(
+        "backtest",
+        "--config",
+        str(config),
+        "--files",
+        recordings,
+        "--out",
+        str(out),
+        "--no-progress",
         timeout=300,
-        check=False,
     )
     assert done.returncode == 0, done.stderr
     assert "26,010 trades" in done.stdout
