@@ -68,6 +68,30 @@ MODULE_RESTARTS = Counter(
     "alphaengine_module_restarts_total", "Restarts of a module by the supervisor.", ["module"]
 )
 MODULE_FAILURES = Counter("alphaengine_module_failures_total", "Failures of a module.", ["module"])
+MODULE_TASKS = Gauge(
+    "alphaengine_module_tasks", "asyncio tasks a module owns that have not finished.", ["module"]
+)
+MODULE_QUEUE = Gauge(
+    "alphaengine_module_queue_records",
+    "Records a module holds in memory that are not yet durable (consumers: handled but not yet flushed "
+    "and committed).",
+    ["module"],
+)
+MODULE_BUSY = Counter(
+    "alphaengine_module_busy_seconds_total",
+    "Time a consumer module spent handling and flushing records on the event loop (its awaits on the bus "
+    "and store included): its rate is the module's share of the loop.",
+    ["module"],
+)
+ASYNCIO_TASKS = Gauge("alphaengine_asyncio_tasks", "asyncio tasks alive on the engine's event loop.")
+WORKER_PROCESSES = Gauge(
+    "alphaengine_worker_processes", "Child processes of the engine (the trainer's pool workers)."
+)
+WORKER_MEMORY = Gauge(
+    "alphaengine_worker_resident_memory_bytes",
+    "Resident memory of the engine's child processes together (the engine's own is "
+    "process_resident_memory_bytes).",
+)
 ARCHIVE_RUNS = Counter(
     "alphaengine_archive_runs_total", "Scheduled archiver runs, by result (success, error).", ["result"]
 )
@@ -386,6 +410,11 @@ def catalogue() -> str:
         "follow Prometheus conventions: the `alphaengine_` prefix, base units in the name, `_total` on",
         "counters; histograms add `_bucket`, `_sum` and `_count`. Label values are bounded by configuration",
         "(modules, symbols, models, risk checks), never by data.",
+        "",
+        "Besides these, the client library's standard collectors describe the engine process itself:",
+        "`process_resident_memory_bytes`, `process_cpu_seconds_total`, `process_open_fds`,",
+        "`process_start_time_seconds` and the others of the `process_` family, `python_gc_*` and",
+        "`python_info`.",
         "",
         "| metric | type | labels | meaning |",
         "|---|---|---|---|",

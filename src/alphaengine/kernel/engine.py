@@ -32,6 +32,7 @@ from alphaengine.config._schema import ChdbStoreConfig, LocalBusConfig, LocalObj
 from alphaengine.kernel.admin import AdminServer
 from alphaengine.kernel.module import Context, ModuleState
 from alphaengine.kernel.registry import resolve_module
+from alphaengine.kernel.resources import ResourceSampler
 from alphaengine.kernel.supervisor import Supervisor
 from alphaengine.objectstore import build_objectstore
 from alphaengine.sources.base import TickSource
@@ -146,6 +147,8 @@ class Engine:
             metrics_server = await self._start_metrics()
             probe = self.loop_lag
             probe.start()
+            sampler = ResourceSampler(self.supervisor)
+            sampler.start()
             reporter = asyncio.ensure_future(self._report(app.engine.report_interval_s))
             if handle_signals:
                 self._install_signal_handlers()
@@ -160,6 +163,7 @@ class Engine:
                     self._remove_signal_handlers()
                 reporter.cancel()
                 await probe.stop()
+                await sampler.stop()
                 if metrics_server is not None:
                     await metrics_server.close()
                 await admin.close()

@@ -217,6 +217,14 @@ class Module(Generic[C]):
     def restore(self, state: dict[str, Any]) -> None:
         """Take over state from :meth:`snapshot` of a previous instance, before :meth:`start`."""
 
+    def queue_depth(self) -> int:
+        """Records (or events) held in memory that are not yet durable; exported per module."""
+        return 0
+
+    def task_count(self) -> int:
+        """Owned tasks that have not finished."""
+        return sum(1 for task in self._tasks if not task.done())
+
     def health(self) -> dict[str, Any]:
         """Module-specific health details (shown by the admin ``health`` command)."""
         return {}

@@ -18,7 +18,7 @@ from typing import ClassVar, TypeVar
 from alphaengine.bus.base import Consumer, OffsetAndMetadata, Record, TopicPartition
 from alphaengine.errors import DecodeError
 from alphaengine.kernel.module import Module, ModuleSettings
-from alphaengine.metrics import CONSUMER_LAG, DEAD_LETTERS
+from alphaengine.metrics import CONSUMER_LAG, DEAD_LETTERS, MODULE_BUSY
 
 DLQ_SUFFIX = ".dlq"
 
@@ -68,6 +68,8 @@ class ConsumerModule(Module[S]):
     _consumer: Consumer | None = None
     _handled: dict[TopicPartition, int]
     """Per partition, the offset after the last record handled (or where reading started)."""
+    _unflushed = 0
+    """Records handled since the last flush (see :meth:`queue_depth`)."""
 
     @property
     def consumer(self) -> Consumer:
@@ -109,20 +111,28 @@ class ConsumerModule(Module[S]):
         if self._consumer is not None:
             await self._consumer.close()
 
+    def queue_depth(self) -> int:
+        """Records handled but not yet flushed and committed."""
+        return self._unflushed
+
     async def _run(self) -> None:
         cfg = self.config
+        busy = MODULE_BUSY.labels(self.name)
         last_flush = time.monotonic()
         lag_check = 0.0
         while True:
             records = await self.consumer.getmany(cfg.max_records, cfg.poll_timeout_s)
+            began = time.perf_counter()
             if records:
                 await self.handle(records)
                 for record in records:
                     self._handled[record.tp] = record.offset + 1
+                self._unflushed += len(records)
             now = time.monotonic()
             if self.needs_flush() or now - last_flush >= cfg.flush_interval_s:
                 await self._flush_and_commit()
                 last_flush = now
+            busy.inc(time.perf_counter() - began)
             if now - lag_check >= 1.0:
                 CONSUMER_LAG.labels(self.name).set(await self.consumer.lag())
                 lag_check = now
@@ -158,9 +168,11 @@ class ConsumerModule(Module[S]):
         return True
 
     async def _flush_and_commit(self) -> None:
+        handled = self._unflushed
         offsets = await self.flush()
         if offsets:
             await self.consumer.commit(offsets)
+        self._unflushed -= handled
 
     async def decode_or_dead_letter(self, record: Record, decode: Callable[[bytes], T]) -> T | None:
         """Decode a record; an undecodable one goes to ``<topic>.dlq`` with its reason (returns None)."""
