@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import os
 import random
+import shutil
 import stat
+import tempfile
 from pathlib import Path
 from typing import Any
 
+import msgspec
 import pytest
 
 from alphaengine.backoff import Backoff
@@ -188,6 +192,64 @@ async def test_admin_socket_refuses_a_wrong_token(tmp_path: Path) -> None:
         await admin.request(sock, "launch", token="s3cret")
     engine.request_stop("test over")
     assert (await asyncio.wait_for(run, 10)).clean
+
+
+OTHER_USER_CLIENT = """
+import socket, sys
+client = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+try:
+    client.connect(sys.argv[1])
+except OSError as exc:
+    print(type(exc).__name__)
+    sys.exit(0)
+client.sendall(b'{"cmd": "status"}\\n')
+print(client.makefile().readline().strip())
+"""
+
+
+async def test_admin_socket_refuses_another_user(tmp_path: Path) -> None:
+    """Mode 0600 keeps another user out; with the mode loosened, the peer's uid is still refused."""
+    if os.geteuid() != 0:
+        if os.environ.get("CI") == "true":
+            pytest.fail("CI runs as root, which this test needs to act as another user")
+        pytest.skip("acting as another user needs root")
+    # A directory another user may traverse, so that only the socket's own mode is in the way.
+    shared = Path(tempfile.mkdtemp(prefix="alphaengine-admin-"))
+    os.chmod(shared, 0o755)
+    sock = shared / "admin.sock"
+    cfg = loads(engine_config(tmp_path, '[modules.ok]\ntype = "tests.plugins:Ticker"\n'))
+    cfg = dataclasses.replace(
+        cfg,
+        app=msgspec.structs.replace(cfg.app, admin=msgspec.structs.replace(cfg.app.admin, socket=str(sock))),
+    )
+    engine = Engine(cfg)
+    run = asyncio.ensure_future(engine.run(handle_signals=False))
+    try:
+        await eventually(engine.ready.is_set)
+
+        async def as_nobody() -> str:
+            proc = await asyncio.create_subprocess_exec(
+                "/usr/bin/python3",
+                "-c",
+                OTHER_USER_CLIENT,
+                str(sock),
+                user=65534,
+                group=65534,
+                stdout=asyncio.subprocess.PIPE,
+            )
+            out, _ = await proc.communicate()
+            return out.decode().strip()
+
+        assert stat.S_IMODE(os.stat(sock).st_mode) == 0o600
+        assert await as_nobody() == "PermissionError"
+        os.chmod(sock, 0o666)
+        answer = await as_nobody()
+        assert "unauthorized: uid 65534 is not the engine's user" in answer
+        assert (await admin.request(sock, "health"))["healthy"]  # the owner still gets in
+    finally:
+        engine.request_stop("test over")
+        await asyncio.wait_for(run, 10)
+        shutil.rmtree(shared, ignore_errors=True)
 
 
 async def test_second_engine_on_the_same_socket_is_refused(tmp_path: Path) -> None:

@@ -84,12 +84,14 @@ def wait_for_fills(config: Path, proc: subprocess.Popen[str], at_least: int, tim
     return n
 
 
-async def keep_everything(bus_dir: Path) -> None:
-    """Subscribe the groups the check reads with before the engine starts: the local bus keeps what a
-    known group has not committed, so the whole run stays readable."""
-    bus = MemoryBus(bus_dir)
+async def keep_everything(
+    bus_dir: Path, topics: tuple[str, ...] = ("ticks", "predictions"), partitions: int = 4
+) -> None:
+    """Subscribe the groups the check reads with (``verify-<topic>``) before the engine starts: the local
+    bus keeps what a known group has not committed, so the whole run stays readable."""
+    bus = MemoryBus(bus_dir, partitions=partitions)
     await bus.start()
-    for topic in ("ticks", "predictions"):
+    for topic in topics:
         await bus.create_topic(topic)
         consumer = bus.consumer(f"verify-{topic}", [topic])
         await consumer.start()

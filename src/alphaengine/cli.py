@@ -346,6 +346,7 @@ _ADMIN_COMMANDS = (
     "status",
     "health",
     "stop",
+    "reload",
     "models",
     "retrain",
     "promote",
@@ -383,6 +384,7 @@ def admin_command(  # noqa: PLR0917  (click passes every option)
 
     \b
     status | health | stop
+    reload MODULE                   re-import the module's plugin code and settings, hand its state over
     models                          champions, challengers and earlier champions of the models
     retrain [MODEL...] [--wait]     a training cycle now (default: every configured model)
     promote MODEL [--version V]     make the challenger (or version V) the champion
@@ -405,6 +407,11 @@ def admin_command(  # noqa: PLR0917  (click passes every option)
         if len(models) != 1:
             raise click.UsageError(f"{command} takes one MODEL")
         args = {"model": models[0], "version": version, "reason": reason}
+    elif command == "reload":
+        if len(models) != 1:
+            raise click.UsageError("reload takes one MODULE (its name in the configuration)")
+        args = {"module": models[0]}
+        timeout_s = 120.0
     elif command == "retrain":
         args = {"models": list(models), "wait": wait}
         timeout_s = _TRAIN_TIMEOUT_S
@@ -455,6 +462,8 @@ def _render(command: str, result: Any) -> str:
         return render_models(result)
     if command == "retrain" and "status" in result:
         return _render_cycle(result)
+    if command == "reload":
+        return _render_reload(result)
     lines: list[str] = []
     if command == "status":
         lines.append(
@@ -470,6 +479,19 @@ def _render(command: str, result: Any) -> str:
         extra = f"  {m['detail']}" if m.get("detail") else ""
         restarts = f"  restarts {m['restarts']}" if m.get("restarts") else ""
         lines.append(f"  {m['module']:<16} {m['state']:<10}{restarts}{extra}")
+    return "\n".join(lines)
+
+
+def _render_reload(result: dict[str, Any]) -> str:
+    lines = [
+        f"reloaded {result['module']} ({result['type']}) from {result['file']} in {result['seconds']:.2f} s"
+    ]
+    if result["state_keys"]:
+        lines.append(f"  state handed over: {', '.join(result['state_keys'])}")
+    for where, offset in result["resumed_from"].items():
+        stopped = result["stopped_at"].get(where)
+        same = "" if stopped == offset else f"  (the old instance stopped at {stopped})"
+        lines.append(f"  {where:<24} reads on from offset {offset}{same}")
     return "\n".join(lines)
 
 

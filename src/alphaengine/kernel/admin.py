@@ -2,7 +2,8 @@
 
 A request is one JSON object per line, ``{"cmd": "status", "args": {...}, "token": "..."}``; the answer is
 one line, ``{"ok": true, "result": ...}`` or ``{"ok": false, "error": "..."}``. Only the socket's owner
-can connect (file mode 0600), and when a token is configured every request must carry it.
+can connect (file mode 0600, and the peer's user id is checked as well), and when a token is configured
+every request must carry it.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import hmac
 import logging
 import os
 import socket
+import struct
 from collections.abc import Awaitable, Callable, Mapping
 from pathlib import Path
 from typing import Any
@@ -75,6 +77,16 @@ class AdminServer:
                 self.path.unlink()
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        uid = _peer_uid(writer)
+        if uid not in (os.geteuid(), 0):
+            # The file mode keeps other users out; this holds even if the mode or directory is loosened.
+            log.warning("admin connection refused: peer uid %s is not the engine's user", uid)
+            writer.write(
+                orjson.dumps({"ok": False, "error": f"unauthorized: uid {uid} is not the engine's user"})
+            )
+            writer.write(b"\n")
+            writer.close()
+            return
         try:
             while line := await reader.readline():
                 answer = await self._answer(line)
@@ -112,6 +124,14 @@ class AdminServer:
         except Exception as exc:
             log.exception("admin command %s failed", request["cmd"])
             return {"ok": False, "error": f"{type(exc).__name__}: {exc}"}
+
+
+def _peer_uid(writer: asyncio.StreamWriter) -> int:
+    """The user id of the process at the other end of a Unix socket (``SO_PEERCRED``, Linux)."""
+    sock = writer.get_extra_info("socket")
+    creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+    _pid, uid, _gid = struct.unpack("3i", creds)
+    return int(uid)
 
 
 def _is_served(path: Path) -> bool:

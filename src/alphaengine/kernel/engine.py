@@ -11,11 +11,12 @@ committed is read again at the next start).
 from __future__ import annotations
 
 import asyncio
+import inspect
 import logging
 import os
 import signal
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from datetime import date
 from pathlib import Path
 from typing import Any, TypeVar
@@ -27,11 +28,12 @@ from alphaengine import metrics
 from alphaengine.archive import SCRATCH_DIR, Archive, ArchiveError, PendingPartition
 from alphaengine.bus import build_bus
 from alphaengine.clock import Clock, LiveClock
-from alphaengine.config import LoadedConfig
+from alphaengine.config import LoadedConfig, ModuleConfig, load
 from alphaengine.config._schema import ChdbStoreConfig, LocalBusConfig, LocalObjectStoreConfig
+from alphaengine.errors import PluginError
 from alphaengine.kernel.admin import AdminServer
 from alphaengine.kernel.module import Context, ModuleState
-from alphaengine.kernel.registry import resolve_module
+from alphaengine.kernel.registry import reload_module_type, resolve_module
 from alphaengine.kernel.resources import ResourceSampler
 from alphaengine.kernel.supervisor import Supervisor
 from alphaengine.objectstore import build_objectstore
@@ -98,6 +100,7 @@ class Engine:
         self._force = asyncio.Event()
         self._stop_reason = ""
         self._started_at = time.monotonic()
+        self._reload_lock = asyncio.Lock()
         self.supervisor: Supervisor | None = None
         self.ready = asyncio.Event()
         """Set once every module has been started."""
@@ -272,6 +275,7 @@ class Engine:
             "health": self._cmd_health,
             "query": self._cmd_query,
             "stop": self._cmd_stop,
+            "reload": self._cmd_reload,
             "archive_pending": self._cmd_archive_pending,
             "archive_run": self._cmd_archive_run,
             "archive_list": self._cmd_archive_list,
@@ -330,6 +334,48 @@ class Engine:
     async def _cmd_stop(self, args: dict[str, Any]) -> dict[str, Any]:
         self.request_stop("admin stop command")
         return {"stopping": True}
+
+    async def _cmd_reload(self, args: dict[str, Any]) -> dict[str, Any]:
+        """``{"module": name}``: re-import the module's plugin code, re-read its section, swap it in."""
+        assert self.supervisor is not None
+        name = args.get("module")
+        if name not in self.supervisor.slots:
+            known = ", ".join(self.supervisor.slots)
+            raise PluginError(f"reload needs a running module's name, not {name!r} (modules: {known})")
+        if self._stop.is_set():
+            raise PluginError("the engine is stopping: nothing is reloaded")
+        async with self._reload_lock:
+            began = time.monotonic()
+            slot = self.supervisor.slots[name]
+            cls = reload_module_type(slot.decl.type)
+            decl = self._reread_module(name)
+            if decl.type != slot.decl.type:
+                cls = reload_module_type(decl.type)
+                decl = self._reread_module(name)
+            log.info("reloading module %s (%s from %s)", name, decl.type, inspect.getfile(cls))
+            outcome = await self.supervisor.replace(name, cls, decl)
+            seconds = time.monotonic() - began
+            log.info("module %s reloaded in %.2f s, reading on from %s", name, seconds, outcome.resumed_from)
+        return {
+            "module": name,
+            "type": decl.type,
+            "file": inspect.getfile(cls),
+            "seconds": round(seconds, 3),
+            **asdict(outcome),
+        }
+
+    def _reread_module(self, name: str) -> ModuleConfig:
+        """The module's declaration from the configuration file as it is now (with the current code)."""
+        source = Path(self.config.source)
+        if not source.is_file():
+            raise PluginError(f"the configuration {self.config.source!r} is not a file to read again")
+        decl = next((m for m in load(source).modules if m.name == name), None)
+        if decl is None or not decl.enabled:
+            raise PluginError(
+                f"module {name} is no longer enabled in {source}: a reload cannot remove a module "
+                "(restart the engine for that)"
+            )
+        return decl
 
     # `alphaengine archive` sends these while the engine holds the store (chDB: one process per
     # directory). Every Archive over the same store shares one lock with the archiver module's.

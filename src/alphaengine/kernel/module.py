@@ -221,6 +221,10 @@ class Module(Generic[C]):
         """Records (or events) held in memory that are not yet durable; exported per module."""
         return 0
 
+    def positions(self) -> dict[str, int]:
+        """Where the module reads its topics, per ``topic/partition`` (empty for modules that read none)."""
+        return {}
+
     def task_count(self) -> int:
         """Owned tasks that have not finished."""
         return sum(1 for task in self._tasks if not task.done())

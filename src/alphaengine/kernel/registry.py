@@ -8,6 +8,8 @@ plugin's code for hot reload.
 from __future__ import annotations
 
 import importlib
+import importlib.machinery
+import importlib.util
 import sys
 from importlib.metadata import entry_points
 from typing import Any
@@ -47,15 +49,43 @@ def resolve_module(type_name: str) -> type[Module[Any]]:
 
 
 def reload_module_type(type_name: str) -> type[Module[Any]]:
-    """Re-import the Python module that defines a plugin and return the fresh class (hot reload)."""
+    """Import the Python module that defines a plugin afresh from its source and return the new class.
+
+    The module is executed into a new module object, which replaces the old one in ``sys.modules`` only
+    once it has run without error: unlike ``importlib.reload``, which executes into the old module's
+    namespace, the running instances keep seeing their own code's globals until they are swapped out,
+    and an edit that fails to import changes nothing. Only this one module is re-imported, not what it
+    imports.
+    """
     target = _target(type_name)
     module_path, _, attr = target.partition(":")
-    py_module = sys.modules.get(module_path)
+    parent_name, _, child = module_path.rpartition(".")
+    importlib.invalidate_caches()
     try:
-        py_module = importlib.reload(py_module) if py_module else importlib.import_module(module_path)
-    except Exception as exc:  # a syntax error in edited code must not take the engine down
+        search = importlib.import_module(parent_name).__path__ if parent_name else None
+        spec = importlib.machinery.PathFinder.find_spec(module_path, search)
+        if spec is None or spec.loader is None:
+            raise ImportError(f"no module named {module_path!r}")
+        fresh = importlib.util.module_from_spec(spec)
+    except Exception as exc:
         raise PluginError(f"cannot reload {module_path!r}: {exc!r}") from exc
-    return _class_from(py_module, attr, target)
+    previous = sys.modules.get(module_path)
+    # Present while it runs, as an import would have it (annotations and pickling look it up there).
+    sys.modules[module_path] = fresh
+    try:
+        spec.loader.exec_module(fresh)
+        cls = _class_from(fresh, attr, target)
+    except Exception as exc:  # a syntax error in edited code must not take the engine down
+        if previous is not None:
+            sys.modules[module_path] = previous
+        else:
+            del sys.modules[module_path]
+        if isinstance(exc, PluginError):
+            raise
+        raise PluginError(f"cannot reload {module_path!r}: {exc!r}") from exc
+    if parent_name:
+        setattr(sys.modules[parent_name], child, fresh)
+    return cls
 
 
 def _class_from(py_module: object, attr: str, target: str) -> type[Module[Any]]:

@@ -21,10 +21,23 @@ from typing import Any
 
 from alphaengine.backoff import Backoff
 from alphaengine.config import ModuleConfig, SupervisorConfig
+from alphaengine.errors import PluginError
 from alphaengine.kernel.module import Context, Module, ModuleState
 from alphaengine.metrics import MODULE_FAILURES, MODULE_RESTARTS
 
 log = logging.getLogger("alphaengine.supervisor")
+
+
+@dataclass(frozen=True, slots=True)
+class Reload:
+    """The outcome of a hot reload: bus positions on both sides of it and the state handed over."""
+
+    stopped_at: dict[str, int]
+    """Where the old instance stopped reading, per ``topic/partition``."""
+    resumed_from: dict[str, int]
+    """Where the new instance reads on."""
+    state_keys: list[str]
+    """The keys of the snapshot handed to the new instance."""
 
 
 @dataclass(eq=False)
@@ -101,19 +114,51 @@ class Supervisor:
         """The live instance of a module; raises KeyError."""
         return self.slots[name].instance
 
-    async def replace(self, name: str, cls: type[Module[Any]], decl: ModuleConfig) -> Module[Any]:
-        """Swap a module for a new instance (hot reload): stop the old one gracefully, hand its state over."""
+    async def replace(self, name: str, cls: type[Module[Any]], decl: ModuleConfig) -> Reload:
+        """Swap a module for a new instance of ``cls`` with ``decl`` (hot reload); returns what happened.
+
+        The old instance stops at once, without draining the backlog: it flushes and commits what it has
+        handled, so the new one reads on from the same bus position; its :meth:`Module.snapshot` is
+        handed to the new one's :meth:`Module.restore`. If the new instance cannot be built or started,
+        the old class and settings are started again with the same state and :class:`PluginError` says
+        why. A FAULTED module is cleaned up instead of stopped (this is how new code fixes it).
+        """
         slot = self.slots[name]
+        if slot.restart_task is not None:
+            slot.restart_task.cancel()
+            await asyncio.gather(slot.restart_task, return_exceptions=True)
+            slot.restart_task = None
         old = slot.instance
-        await old.stop()
-        state = old.snapshot()
-        new = self._build(decl, cls)
-        new.restore(state)
-        slot.decl, slot.cls, slot.instance = decl, cls, new
+        healthy = old.state is not ModuleState.FAULTED
+        await old.stop(drain_until=time.monotonic())
+        state = old.snapshot() if healthy else {}
+        stopped_at = old.positions()
+        previous = (slot.decl, slot.cls)
+        new: Module[Any] | None = None
+        try:
+            new = self._build(decl, cls)
+            new.restore(state)
+            slot.decl, slot.cls, slot.instance = decl, cls, new
+            await new.start()
+        except Exception as exc:
+            log.error("reloaded module %s failed to start, the previous code runs again: %r", name, exc)
+            if new is not None:
+                await new.abort()  # leaves its consumer group, if it joined one
+            slot.decl, slot.cls = previous
+            slot.instance = self._build(*previous)
+            slot.instance.restore(state)
+            try:
+                await slot.instance.start()
+            except Exception as again:
+                self._record_failure(slot, again)
+            raise PluginError(
+                f"module {name}: the new code or settings failed ({type(exc).__name__}: {exc}); "
+                "the previous code and settings run again"
+            ) from exc
         slot.gave_up = False
         slot.failures.clear()
-        await new.start()
-        return new
+        slot.last_error = ""
+        return Reload(stopped_at, new.positions(), sorted(state))
 
     def status(self) -> list[dict[str, Any]]:
         """One row per module: state, detail, restarts, whether the supervisor gave up."""

@@ -17,7 +17,7 @@ from typing import ClassVar, TypeVar
 
 from alphaengine.bus.base import Consumer, OffsetAndMetadata, Record, TopicPartition
 from alphaengine.errors import DecodeError
-from alphaengine.kernel.module import Module, ModuleSettings
+from alphaengine.kernel.module import Context, Module, ModuleSettings
 from alphaengine.metrics import CONSUMER_LAG, DEAD_LETTERS, MODULE_BUSY
 
 DLQ_SUFFIX = ".dlq"
@@ -66,10 +66,13 @@ class ConsumerModule(Module[S]):
     # -- machinery --------------------------------------------------------------------------------
 
     _consumer: Consumer | None = None
-    _handled: dict[TopicPartition, int]
-    """Per partition, the offset after the last record handled (or where reading started)."""
-    _unflushed = 0
-    """Records handled since the last flush (see :meth:`queue_depth`)."""
+
+    def __init__(self, name: str, config: S, ctx: Context) -> None:
+        super().__init__(name, config, ctx)
+        self._handled: dict[TopicPartition, int] = {}
+        """Per partition, the offset after the last record handled (or where reading started)."""
+        self._unflushed = 0
+        """Records handled since the last flush (see :meth:`queue_depth`)."""
 
     @property
     def consumer(self) -> Consumer:
@@ -147,6 +150,10 @@ class ConsumerModule(Module[S]):
         """Read ``tp`` from ``offset`` next (restoring a position saved elsewhere than the commits)."""
         self.consumer.seek(tp, offset)
         self._handled[tp] = offset
+
+    def positions(self) -> dict[str, int]:
+        """The offset after the last record handled, per ``topic/partition``."""
+        return {f"{tp.topic}/{tp.partition}": offset for tp, offset in sorted(self._handled.items())}
 
     def position(self, tp: TopicPartition) -> int:
         """The offset after the last record of ``tp`` handled (or where reading started)."""
