@@ -7,7 +7,7 @@
 # (python:3.11-slim-bookworm@sha256:...) where builds must be bit-for-bit repeatable.
 ARG PYTHON_IMAGE=python:3.11-slim-bookworm
 
-# -- builder: a wheel of the project, installed with its dependencies into /opt/venv ---------------
+# -- builder: the locked dependencies and a wheel of the project, installed into /opt/venv ---------
 FROM ${PYTHON_IMAGE} AS builder
 
 ENV PIP_NO_CACHE_DIR=1 \
@@ -16,14 +16,23 @@ ENV PIP_NO_CACHE_DIR=1 \
 RUN python -m venv /opt/venv
 
 WORKDIR /src
+# The dependencies first, in a layer of their own that a change to the sources does not invalidate.
+# requirements.lock (`make lock`) pins every runtime dependency, transitive ones included, to one version
+# with its hashes: pip refuses a file whose hash differs and any dependency the lock does not pin, so
+# every build installs the same set. All of them ship manylinux wheels (numpy, pyarrow, polars, chdb,
+# jaxlib, uvloop, orjson, msgspec, psutil, ...): no compiler, no source build.
+COPY requirements.lock ./
+RUN /opt/venv/bin/pip install --require-hashes --only-binary=:all: -r requirements.lock
+
 # hatchling needs README.md (the package's long description) besides the sources.
 COPY pyproject.toml README.md ./
 COPY src ./src
 
-# Every dependency ships manylinux wheels (numpy, pyarrow, polars, chdb, uvloop, orjson, msgspec, psutil),
-# so no compiler is needed; building a wheel first installs exactly what a release would ship.
+# Building a wheel first installs exactly what a release would ship; --no-deps, so that nothing outside
+# the lock is added.
 RUN /opt/venv/bin/pip wheel --no-deps --wheel-dir /wheels . \
-    && /opt/venv/bin/pip install /wheels/*.whl
+    && /opt/venv/bin/pip install --no-deps /wheels/*.whl \
+    && /opt/venv/bin/pip check
 
 # -- runtime ------------------------------------------------------------------------------------------
 FROM ${PYTHON_IMAGE}

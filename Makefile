@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: help venv run test test-services services-up services-down services-clean check lint typecheck fmt bench deploy-check clean
+.PHONY: help venv run test test-services services-up services-down services-clean check lint typecheck fmt bench deploy-check lock clean
 
 help:
 	@echo "make run           run the engine on its embedded defaults (config/dev.toml)"
@@ -12,6 +12,7 @@ help:
 	@echo "make test-services start Kafka, ClickHouse, S3 and Prometheus (no Docker) and run the service tier"
 	@echo "make check         ruff and mypy --strict"
 	@echo "make deploy-check  promtool and docker-compose validation of deploy/ and compose.yaml"
+	@echo "make lock          regenerate requirements.lock (the image's pinned, hashed dependencies)"
 	@echo "make bench         pipeline benchmark (synthetic -> embedded bus -> chDB, with bars)"
 
 $(STAMP): pyproject.toml
@@ -58,8 +59,18 @@ fmt: $(STAMP)
 bench: $(STAMP)
 	$(BIN)/python bench/pipeline.py
 
-deploy-check:
-	bash scripts/check-deploy.sh
+deploy-check: $(STAMP)
+	PYTHON=$(BIN)/python bash scripts/check-deploy.sh
+
+# requirements.lock: the runtime dependencies of pyproject.toml (not the extras) for the image (CPython
+# 3.11, x86_64 manylinux), with hashes. The versions installed in the venv, which the tests ran, are the
+# constraints: to upgrade a dependency, upgrade it in the venv, run the tests, then `make lock`.
+lock: $(STAMP)
+	$(BIN)/pip install --quiet 'uv==0.13.9'
+	$(BIN)/pip freeze --exclude-editable >$(VENV)/freeze.txt
+	$(BIN)/uv pip compile pyproject.toml --quiet --generate-hashes --python-version 3.11 \
+	  --python-platform x86_64-manylinux_2_28 --constraints $(VENV)/freeze.txt \
+	  --custom-compile-command 'make lock' --output-file requirements.lock
 
 clean:
 	rm -rf var .mypy_cache .ruff_cache .pytest_cache

@@ -81,4 +81,8 @@ PY
 promtool check rules --lint-fatal "$queries" >/dev/null
 echo "$(grep -c 'record:' "$queries") PromQL queries: valid"
 
+echo "== requirements.lock matches pyproject.toml"
+# Offline: every runtime dependency pinned within its specifier, every entry hashed (no index is asked).
+"$PYTHON" scripts/check-lock.py
+
 echo "check-deploy: all checks passed"
