@@ -25,6 +25,7 @@ from alphaengine.trading import (
     SizingSettings,
     TradingMode,
 )
+from alphaengine.trading.risk import CHECKS
 from alphaengine.trading.stats import (
     annual_return,
     annual_volatility,
@@ -161,7 +162,10 @@ def holding(qty: float, symbol: str = "BTCUSDT", cash: float = 10_000.0) -> Port
 
 def check(risk: RiskEngine, o: Order, p: Portfolio, quote: Quote = QUOTE, mark: float = 100.0) -> str | None:
     rejection = risk.check(o, quote, p, {KEY: mark, "BINANCE:ETHUSDT": mark})
-    return None if rejection is None else rejection.check
+    if rejection is None:
+        return None
+    assert rejection.check in CHECKS  # the trader exports a zero for each of these at start
+    return rejection.check
 
 
 def equity_point(equity_usd: float, *, drawdown: float) -> EquityPoint:

@@ -171,7 +171,7 @@ class ConsumerModule(Module[S]):
     def _drain_over(self) -> bool:
         if self.drain_until is None or time.monotonic() < self.drain_until:
             return False
-        self.log.warning("stop deadline near: leaving the rest of the backlog in the log for the next start")
+        self.log.warning("drain time is up: leaving the rest of the backlog in the log for the next reader")
         return True
 
     async def _flush_and_commit(self) -> None:

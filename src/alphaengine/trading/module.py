@@ -45,7 +45,7 @@ from alphaengine.store.schema import TABLES
 from alphaengine.trading.broker import BrokerSettings
 from alphaengine.trading.core import CoreSettings, CoreState, Outbox, TradingCore
 from alphaengine.trading.portfolio import Portfolio, split_instrument
-from alphaengine.trading.risk import RiskLimits, SizingSettings, TradingMode
+from alphaengine.trading.risk import CHECKS, RiskLimits, SizingSettings, TradingMode
 
 _ACCOUNT = re.compile(r"[A-Za-z0-9_.-]{1,64}")
 
@@ -107,6 +107,8 @@ class Trader(ConsumerModule[TraderSettings]):
         cfg = self.config
         for topic in (cfg.signals_topic, cfg.orders_topic, cfg.fills_topic, cfg.positions_topic):
             await self.ctx.bus.create_topic(topic)
+        for check in CHECKS:  # a zero for every check, so that rates exist before the first rejection
+            metrics.RISK_REJECTIONS.labels(check)
         row = await self.ctx.store.query(
             "SELECT state, offsets FROM trader_state FINAL "
             f"WHERE account = '{cfg.account}' ORDER BY saved_ns DESC LIMIT 1"

@@ -103,6 +103,21 @@ class Quote:
     volatility_samples: int
 
 
+CHECKS = (
+    "halted",
+    "reducing_only",
+    "stale_data",
+    "price_band",
+    "max_order_notional",
+    "max_position_notional",
+    "max_gross_exposure",
+    "daily_loss",
+    "max_drawdown",
+    "rate_limit",
+)
+"""Every pre-trade check by the name a :class:`Rejection` carries, in the order they are applied."""
+
+
 @dataclass(frozen=True, slots=True)
 class Rejection:
     """Why an order did not go out: ``check`` is the bounded label, ``reason`` the full sentence."""
