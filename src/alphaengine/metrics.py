@@ -53,6 +53,7 @@ BUS_BACKLOG = Gauge(
     "Bytes held by the embedded bus not yet committed by all groups.",
     ["topic"],
 )
+BUS_SENT = Counter("alphaengine_bus_sent_records_total", "Records sent to a topic of the bus.", ["topic"])
 EVENT_LOOP_LAG = Gauge(
     "alphaengine_event_loop_lag_seconds", "How late the event loop ran the last lag probe."
 )

@@ -15,6 +15,7 @@ from collections import Counter
 from collections.abc import Callable, Sequence
 
 import pytest
+from prometheus_client import REGISTRY
 
 from alphaengine.bus import (
     Bus,
@@ -129,6 +130,10 @@ class BusContract:
         assert meta.offset == 0
         ends = await bus.end_offsets(sorted(all_partitions(topic, partitions)))
         assert sum(ends.values()) == 1
+
+    async def test_sent_records_are_counted_per_topic(self, bus: Bus, topic: str) -> None:
+        await send_all(bus, topic, [b"a", b"b", b"c"])
+        assert REGISTRY.get_sample_value("alphaengine_bus_sent_records_total", {"topic": topic}) == 3
 
     async def test_a_keyed_record_goes_to_the_partition_of_its_key(self, bus: Bus, topic: str) -> None:
         await bus.create_topic(topic, 3)

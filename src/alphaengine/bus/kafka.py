@@ -85,7 +85,7 @@ from alphaengine.bus.base import (
 from alphaengine.bus.journal import Journal, JournalRecord
 from alphaengine.config import KafkaBusConfig
 from alphaengine.errors import BusError, ConfigError, OffsetOutOfRangeError
-from alphaengine.metrics import JOURNAL_REPLAYED
+from alphaengine.metrics import BUS_SENT, JOURNAL_REPLAYED
 
 log = logging.getLogger(__name__)
 
@@ -483,6 +483,7 @@ class KafkaBus:
         """
         if self._state != "started":
             self._check_usable()
+        BUS_SENT.labels(topic).inc()
         if self.journal is not None:
             return await self._send_or_spill(self.journal, topic, value, key, headers)
         count = self._partition_counts.get(topic)

@@ -63,7 +63,7 @@ from alphaengine.bus.base import (
     partition_for,
 )
 from alphaengine.errors import BusError
-from alphaengine.metrics import BUS_BACKLOG
+from alphaengine.metrics import BUS_BACKLOG, BUS_SENT
 
 log = logging.getLogger(__name__)
 
@@ -378,6 +378,7 @@ class MemoryBus:
         part = t.partitions[index]
         if t.groups and part.retained_bytes > self.max_backlog_bytes:
             await self._wait_for_space(part)
+        BUS_SENT.labels(topic).inc()
         headers = tuple(headers)
         record = Record(topic, index, part.next_offset, key, value, headers, time.time_ns() // 1_000_000)
         part.next_offset += 1
