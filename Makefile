@@ -11,7 +11,7 @@ help:
 	@echo "make test          install what the tests need and run them"
 	@echo "make test-services start Kafka, ClickHouse, S3 and Prometheus (no Docker) and run the service tier"
 	@echo "make check         ruff and mypy --strict"
-	@echo "make deploy-check  promtool and docker-compose validation of deploy/ and compose.yaml"
+	@echo "make deploy-check  validate deploy/ (promtool, dashboards), compose.yaml and requirements.lock"
 	@echo "make lock          regenerate requirements.lock (the image's pinned, hashed dependencies)"
 	@echo "make bench         pipeline benchmark (synthetic -> embedded bus -> chDB, with bars)"
 

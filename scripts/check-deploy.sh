@@ -2,7 +2,8 @@
 # Validates the deployment files without a Docker engine (`make deploy-check`, CI):
 #   - Prometheus: configuration, alert rules, and the rules' unit tests (promtool);
 #   - compose.yaml, with the placeholder secrets of .env.example (docker-compose config);
-#   - every Grafana dashboard is valid JSON, and every PromQL query of its panels parses (promtool).
+#   - every Grafana dashboard is valid JSON, and every PromQL query of its panels parses (promtool);
+#   - requirements.lock pins every runtime dependency of pyproject.toml, with hashes (check-lock.py).
 # Installs promtool (Debian's `prometheus` package) and docker-compose when they are missing; exits
 # non-zero on the first failure. Safe to run any number of times.
 set -euo pipefail
