@@ -1,8 +1,10 @@
 """Every ClickHouse panel of the Grafana dashboards runs on the ClickHouse server and returns rows.
 
-The trader writes its tables into a fresh database on the real server (18.16 in this tier), as it does in
-production; each panel's SQL then runs there with the Grafana macros expanded as the
-grafana-clickhouse-datasource plugin expands them.
+The trader and the tick sink write their tables (signals, fills, orders, equity; ticks) into a fresh
+database on the real server (18.16 in this tier), as they do in production; each panel's SQL then runs
+there with the Grafana macros expanded as the grafana-clickhouse-datasource plugin expands them. (The
+model registry lives in the object store, not in a table: the models dashboard reads the model versions
+from the signals.)
 """
 
 from __future__ import annotations
@@ -20,9 +22,11 @@ from alphaengine.clock import LiveClock
 from alphaengine.config import ClickHouseStoreConfig
 from alphaengine.kernel.module import Context
 from alphaengine.objectstore.memory import MemoryObjectStore
+from alphaengine.pipeline.sinks import SinkSettings, TickSink
 from alphaengine.store import ClickHouseStore
 from alphaengine.trading.module import Trader
 from tests.services.envfile import require
+from tests.test_pipeline import drained
 from tests.test_trader import publish, settle, trader_settings
 from tests.trading_market import NS, SECONDS, T0
 
@@ -54,7 +58,8 @@ async def ctx(services_env: dict[str, str], tmp_path: Path) -> AsyncIterator[Con
 
 
 def test_the_dashboards_have_clickhouse_panels() -> None:
-    assert len(clickhouse_targets()) >= 2
+    dashboards = {title.split(":")[0] for title, _ in clickhouse_targets()}
+    assert {"alphaengine-trading", "alphaengine-models", "alphaengine-ticks"} <= dashboards
 
 
 async def test_every_clickhouse_panel_returns_rows(ctx: Context) -> None:
@@ -63,10 +68,14 @@ async def test_every_clickhouse_panel_returns_rows(ctx: Context) -> None:
     for topic in ("ticks", "predictions"):
         await ctx.bus.create_topic(topic)
     trader = Trader("trader", trader_settings(), ctx)
-    await trader.start()
+    sink = TickSink("tick_sink", SinkSettings(flush_interval_s=0.05), ctx)
+    for module in (trader, sink):
+        await module.start()
     await publish(ctx, 0, SECONDS)
     await settle(trader, T0 + (SECONDS - 10) * NS)
-    await trader.stop()
+    await drained(ctx, sink, "ticks")
+    for module in (trader, sink):
+        await module.stop()
 
     database = store.config.database
     start_s, end_s = T0 // NS, T0 // NS + SECONDS
