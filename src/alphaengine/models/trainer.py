@@ -566,6 +566,11 @@ class Trainer(Module[TrainerSettings]):
     async def on_start(self) -> None:
         """Clear what a killed cycle left and start the schedule."""
         await asyncio.to_thread(shutil.rmtree, self.retrainer.scratch, True)
+        for model in self.config.models:  # zeros, so that increase() sees the first event
+            metrics.MODEL_ROLLBACKS.labels(model)
+            for by in ("trainer", "operator"):
+                metrics.MODEL_PROMOTIONS.labels(model, by)
+                metrics.MODEL_DEMOTIONS.labels(model, by)
         self.spawn(self._schedule(), "schedule")
         self.spawn(self._gauges(), "gauges")
 

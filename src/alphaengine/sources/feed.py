@@ -75,6 +75,19 @@ SERVER_SHUTDOWN: Final = "server_shutdown"
 MAX_AGE: Final = "max_age"
 REPLACED: Final = "replaced"
 STOPPING: Final = "stopping"
+DISCONNECT_REASONS: Final = (
+    CLOSED_BY_SERVER,
+    DROPPED,
+    IDLE_TIMEOUT,
+    OVERSIZED_FRAME,
+    PROTOCOL_ERROR,
+    SERVER_SHUTDOWN,
+    MAX_AGE,
+    REPLACED,
+    STOPPING,
+)
+CONNECT_FAILURE_REASONS: Final = ("refused", "timeout")
+"""The reasons of alphaengine_feed_connect_failures_total besides ``http_<status>``."""
 
 _HARD_FRAME_LIMIT_FACTOR: Final = 4
 _CLOSE_TIMEOUT_S: Final = 2.0
@@ -424,6 +437,13 @@ class Connector:
         self._down_since_ns: int | None = None
         self.max_delay_s = 0.0
         """The longest backoff waited so far (never beyond ``reconnect_max_s``)."""
+        # Zeros from the start, so that rates and alerts see the series before the first event.
+        FEED_CONNECTIONS.labels(source).set(0)
+        FEED_CONNECTS.labels(source)
+        for reason in CONNECT_FAILURE_REASONS:
+            FEED_CONNECT_FAILURES.labels(source, reason)
+        for reason in DISCONNECT_REASONS:
+            FEED_DISCONNECTS.labels(source, reason)
 
     @property
     def open_connections(self) -> int:
@@ -468,11 +488,11 @@ class Connector:
                 self.log.warning("%s: %s answered HTTP %s to the upgrade", self.source, shown, exc.status)
                 continue
             except (TimeoutError, aiohttp.ServerTimeoutError):
-                FEED_CONNECT_FAILURES.labels(self.source, "timeout").inc()
+                FEED_CONNECT_FAILURES.labels(self.source, CONNECT_FAILURE_REASONS[1]).inc()
                 self.log.warning("%s: connecting to %s timed out", self.source, shown)
                 continue
             except (aiohttp.ClientError, OSError) as exc:
-                FEED_CONNECT_FAILURES.labels(self.source, "refused").inc()
+                FEED_CONNECT_FAILURES.labels(self.source, CONNECT_FAILURE_REASONS[0]).inc()
                 self.log.warning("%s: cannot connect to %s: %s", self.source, shown, exc)
                 continue
             conn = FeedConnection(

@@ -202,6 +202,7 @@ async def counted_insert(
     Shared by every store so their insert metrics mean the same; returns the number of rows written.
     """
     spec = find_table(tables, table)
+    errors = STORE_INSERT_ERRORS.labels(table)  # a zero from the first insert on, for rates and alerts
     started = time.perf_counter()
     try:
         conformed = spec.conform(rows)
@@ -210,7 +211,7 @@ async def counted_insert(
         STORE_INSERTS.labels(table).inc()
         await write(spec, conformed)
     except StoreError:
-        STORE_INSERT_ERRORS.labels(table).inc()
+        errors.inc()
         raise
     STORE_INSERT_SECONDS.labels(table).observe(time.perf_counter() - started)
     written: int = conformed.num_rows
