@@ -167,7 +167,7 @@ FEED_CONNECTS = Counter(
 )
 FEED_CONNECT_FAILURES = Counter(
     "alphaengine_feed_connect_failures_total",
-    "Connection attempts that failed, by reason (refused, http_<status>, timeout, error).",
+    "Connection attempts that failed, by reason (refused, http_<status>, timeout).",
     ["source", "reason"],
 )
 FEED_DISCONNECTS = Counter(
