@@ -123,6 +123,9 @@ class BarBuilder(ConsumerModule[BarBuilderSettings]):
             if batch is None or not len(batch):
                 continue
             for symbol, whole in batch.split_by_symbol():
+                if symbol not in self._symbol_tp:  # zeros from a symbol's first trade, for rates
+                    LATE_TICKS.labels(symbol)
+                    DUPLICATE_TICKS.labels(symbol)
                 self._symbol_tp[symbol] = record.tp
                 part = self._drop_seen(symbol, whole)
                 if part is None:

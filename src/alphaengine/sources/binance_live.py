@@ -107,6 +107,9 @@ class BinanceSource(LiveSource[BinanceSettings]):
     async def prepare(self) -> None:
         """The REST client, and where each symbol resumes."""
         cfg = self.config
+        for symbol in self.symbols:  # zeros from the start, for rates and alerts
+            FEED_BACKFILLED.labels(self.name, symbol)
+            FEED_UNFILLED_TRADES.labels(self.name, symbol)
         self.rest = BinanceRestClient(
             cfg.rest_url,
             source=self.name,

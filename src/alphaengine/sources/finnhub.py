@@ -133,6 +133,8 @@ class FinnhubSource(LiveSource[FinnhubSettings]):
     async def prepare(self) -> None:
         """Check the token, make the backfill client, continue id numbering from the store."""
         cfg = self.config
+        for each in self.lanes.values():  # zeros from the start, for rates
+            FEED_BACKFILLED.labels(self.name, each.finnhub_symbol)
         if not cfg.token:
             raise FeedAuthError(f"{self.name}: token is empty: set it (FINNHUB_TOKEN in config/prod.toml)")
         if cfg.binance_rest_url:
