@@ -43,6 +43,15 @@ def clickhouse_targets() -> list[tuple[str, str]]:
     return out
 
 
+def expand(sql: str, database: str, start_s: int, end_s: int) -> str:
+    """A panel's SQL as Grafana's ClickHouse plugin sends it, over ``database`` and a time range."""
+    return re.sub(
+        r"\$__timeFilter\((\w+)\)",
+        lambda m: f"{m[1]} >= toDateTime({start_s}) AND {m[1]} <= toDateTime({end_s})",
+        sql,
+    ).replace("alphaengine.", f"{database}.")
+
+
 @pytest.fixture
 async def ctx(services_env: dict[str, str], tmp_path: Path) -> AsyncIterator[Context]:
     host, port = require(services_env, "CLICKHOUSE_HOST", "CLICKHOUSE_PORT")
@@ -78,12 +87,7 @@ async def test_every_clickhouse_panel_returns_rows(ctx: Context) -> None:
         await module.stop()
 
     database = store.config.database
-    start_s, end_s = T0 // NS, T0 // NS + SECONDS
     for title, sql in clickhouse_targets():
-        expanded = re.sub(
-            r"\$__timeFilter\((\w+)\)",
-            lambda m: f"{m[1]} >= toDateTime({start_s}) AND {m[1]} <= toDateTime({end_s})",
-            sql,
-        ).replace("alphaengine.", f"{database}.")
+        expanded = expand(sql, database, T0 // NS, T0 // NS + SECONDS)
         table = await store.query(expanded)
         assert table.num_rows > 0, f"{title}: no rows from {expanded}"

@@ -31,10 +31,13 @@ from typing import Any
 import numpy as np
 import pytest
 
+from alphaengine.config import ClickHouseStoreConfig, load
+from alphaengine.store import ClickHouseStore
 from alphaengine.testing.fake_binance import FakeBinance
 from alphaengine.testing.tape import Tape
 from tests.conftest import REPO, real_file
 from tests.services.envfile import require
+from tests.services.test_dashboards_clickhouse import clickhouse_targets, expand
 from tests.test_trading_e2e import champion_in
 
 DASHBOARDS = sorted((REPO / "deploy" / "grafana" / "dashboards").glob("*.json"))
@@ -249,6 +252,7 @@ async def test_prometheus_scrapes_the_engine_and_every_query_has_data(
     require(services_env, "KAFKA_BOOTSTRAP_SERVERS", "CLICKHOUSE_HOST", "CLICKHOUSE_PORT", "S3_ENDPOINT_URL")
     assert len(DASHBOARDS) >= 2
     metrics_port = free_port()
+    started_s = int(time.time())
     async with FakeBinance(live_tape(), speed=1.0) as fake:
         config = tmp_path / "engine.toml"
         config.write_text(engine_toml(tmp_path, services_env, fake, metrics_port))
@@ -295,3 +299,19 @@ async def test_prometheus_scrapes_the_engine_and_every_query_has_data(
     assert "AlphaEngineModuleFaulted" not in firing, firing
     assert "AlphaEngineDown" not in firing, firing
     assert engine.returncode == 0, (tmp_path / "engine.log").read_text()[-5000:]
+
+    # The ClickHouse panels over what the engine itself stored.
+    app = load(config).app
+    assert isinstance(app.store, ClickHouseStoreConfig)
+    store = ClickHouseStore(app.store)
+    await store.start()
+    try:
+        no_rows = []
+        for title, sql in clickhouse_targets():
+            expanded = expand(sql, app.store.database, started_s - 600, int(time.time()) + 60)
+            if not (await store.query(expanded)).num_rows:
+                no_rows.append(f"{title}: {expanded}")
+    finally:
+        await store.query(f"DROP DATABASE IF EXISTS `{app.store.database}`")
+        await store.close()
+    assert not no_rows, "ClickHouse panels without rows:\n" + "\n".join(no_rows)

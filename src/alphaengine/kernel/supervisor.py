@@ -79,6 +79,8 @@ class Supervisor:
         backoff = Backoff(self.settings.backoff_initial_s, self.settings.backoff_max_s, jitter="equal")
         slot = ModuleSlot(decl, cls, self._build(decl, cls), backoff)
         self.slots[decl.name] = slot
+        MODULE_FAILURES.labels(decl.name)  # zeros from the start, for increase() and the alerts
+        MODULE_RESTARTS.labels(decl.name)
         return slot
 
     def _build(self, decl: ModuleConfig, cls: type[Module[Any]]) -> Module[Any]:

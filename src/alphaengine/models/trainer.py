@@ -571,6 +571,8 @@ class Trainer(Module[TrainerSettings]):
             for by in ("trainer", "operator"):
                 metrics.MODEL_PROMOTIONS.labels(model, by)
                 metrics.MODEL_DEMOTIONS.labels(model, by)
+            for kind in ("error", "crashed", "timeout"):
+                metrics.MODEL_TRAIN_FAILURES.labels(model, kind)
         self.spawn(self._schedule(), "schedule")
         self.spawn(self._gauges(), "gauges")
 

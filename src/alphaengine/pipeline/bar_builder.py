@@ -109,10 +109,17 @@ class BarBuilder(ConsumerModule[BarBuilderSettings]):
                 continue
             state: dict[str, dict[str, Any]] = orjson.loads(committed.metadata)
             for symbol, saved in state.items():
-                self._symbol_tp[symbol] = tp
+                self._track(symbol, tp)
                 self._last_id[symbol] = int(saved["last_id"])
                 for interval, values in saved["bars"].items():
                     self._open[(symbol, int(interval))] = _OpenBar(*values)
+
+    def _track(self, symbol: str, tp: TopicPartition) -> None:
+        """Remember the partition of a symbol; a new symbol's late and duplicate counters start at 0."""
+        if symbol not in self._symbol_tp:
+            LATE_TICKS.labels(symbol)
+            DUPLICATE_TICKS.labels(symbol)
+        self._symbol_tp[symbol] = tp
 
     async def handle(self, records: list[Record]) -> None:
         """Fold each tick record into the open bars and send the bars it completes."""
@@ -123,10 +130,7 @@ class BarBuilder(ConsumerModule[BarBuilderSettings]):
             if batch is None or not len(batch):
                 continue
             for symbol, whole in batch.split_by_symbol():
-                if symbol not in self._symbol_tp:  # zeros from a symbol's first trade, for rates
-                    LATE_TICKS.labels(symbol)
-                    DUPLICATE_TICKS.labels(symbol)
-                self._symbol_tp[symbol] = record.tp
+                self._track(symbol, record.tp)
                 part = self._drop_seen(symbol, whole)
                 if part is None:
                     continue
