@@ -2,10 +2,11 @@
 
 Runs ``alphaengine run`` on ``config/dev.toml`` (synthetic market at 2,000 trades/s, embedded bus, chDB,
 local archive; the source, sinks, bar builder, predictor, trader, archiver, trainer and monitor) as a
-subprocess in a temporary directory, with three changes so that the half hour exercises everything: the
-synthetic market has a predictable component (``predictability = 0.3``) so that models are promoted and
-traded on, and the trainer starts after two minutes, retrains every ten and needs 3,000 bars instead of
-18,000 (five hours of data on the defaults).
+subprocess in a temporary directory, with changes so that the half hour exercises everything: the
+synthetic market has a predictable component (``predictability = 0.5``) and the trainer counts fees of
+1 bp, so that models are promoted and traded on; the trainer starts after two minutes, retrains every ten
+and needs 3,000 bars instead of 18,000 (five hours of data on the defaults); the trader acts on an edge of
+1 bp and rebalances in steps of 2 % of its target, as the trading tests do.
 
 Every ``--sample-every`` seconds it reads the engine's ``/metrics`` and its process tree and prints: the
 engine's RSS, the trainer workers' RSS, the asyncio tasks, ticks received and stored, bars, training
@@ -64,13 +65,17 @@ class Sample:
 
 
 def soak_config(root: Path) -> str:
-    """config/dev.toml with its paths under ``root`` and the soak's three changes (see the docstring)."""
+    """config/dev.toml with its paths under ``root`` and the soak's changes (see the docstring)."""
     text = (REPO / "config" / "dev.toml").read_text()
     changes = {
         '"var/dev': f'"{root}/var',
-        "rate_per_s = 2000\n": "rate_per_s = 2000\npredictability = 0.3\nseed = 5\n",
+        "rate_per_s = 2000\n": "rate_per_s = 2000\npredictability = 0.5\nseed = 5\n",
         "first_cycle_s = 300\n": "first_cycle_s = 120\n",
-        "interval_s = 3600\nmin_bars = 18_000\n": "interval_s = 600\nmin_bars = 3_000\n",
+        "interval_s = 3600\nmin_bars = 18_000\n": "interval_s = 600\nmin_bars = 3_000\nfee_bps = 1.0\n",
+        "initial_cash_usd = 100_000\n": (
+            "initial_cash_usd = 100_000\n[modules.trader.sizing]\nmin_edge_bps = 1\n"
+            "min_volatility_samples = 10\nrebalance_fraction = 0.02\n"
+        ),
     }
     for old, new in changes.items():
         if old not in text:
