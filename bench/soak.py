@@ -13,7 +13,9 @@ engine's RSS, the trainer workers' RSS, the asyncio tasks, ticks received and st
 cycles, fills, the module states and the event-loop lag. At the end it stops the engine (SIGTERM) and
 prints a summary: RSS after the warm-up (first, min, max, least-squares slope in MiB per hour), event-loop
 lag quantiles from the engine's histogram over the window after the warm-up, and whether any module was
-ever FAULTED. ``--json`` writes the samples and the summary to a file.
+ever FAULTED. ``--json`` writes the samples and the summary to a file, ``--log`` keeps the engine's log.
+``--retrain-every`` and ``--train-window`` change the trainer's schedule and window: with the defaults the
+window (the trainer's 7 days) grows for the whole soak, and so does each cycle's load of bars.
 
 The default warm-up (15 minutes) covers the first training cycle that has enough bars (at 12 minutes)
 and the predictor loading the champions it promotes: a step of about 115 MiB in the engine's RSS.
@@ -67,14 +69,17 @@ class Sample:
     """Cumulative counts of the event-loop lag histogram, by upper bound."""
 
 
-def soak_config(root: Path) -> str:
+def soak_config(root: Path, retrain_every_s: float = 600.0, train_window_s: float | None = None) -> str:
     """config/dev.toml with its paths under ``root`` and the soak's changes (see the docstring)."""
     text = (REPO / "config" / "dev.toml").read_text()
+    window = "" if train_window_s is None else f"window_s = {train_window_s}\n"
     changes = {
         '"var/dev': f'"{root}/var',
         "rate_per_s = 2000\n": "rate_per_s = 2000\npredictability = 0.5\nseed = 5\n",
         "first_cycle_s = 300\n": "first_cycle_s = 120\n",
-        "interval_s = 3600\nmin_bars = 18_000\n": "interval_s = 600\nmin_bars = 3_000\nfee_bps = 1.0\n",
+        "interval_s = 3600\nmin_bars = 18_000\n": (
+            f"interval_s = {retrain_every_s}\n{window}min_bars = 3_000\nfee_bps = 1.0\n"
+        ),
         "initial_cash_usd = 100_000\n": (
             "initial_cash_usd = 100_000\n[modules.trader.sizing]\nmin_edge_bps = 1\n"
             "min_volatility_samples = 10\nrebalance_fraction = 0.02\n"
@@ -158,13 +163,25 @@ def main() -> int:
     parser.add_argument("--sample-every", type=float, default=30.0)
     parser.add_argument("--max-rss-range-mib", type=float, default=150.0)
     parser.add_argument("--json", type=Path, default=None)
+    parser.add_argument("--log", type=Path, default=None, help="keep the engine's log in this file")
+    parser.add_argument(
+        "--retrain-every", type=float, default=600.0, help="seconds between training cycles (default 600)"
+    )
+    parser.add_argument(
+        "--train-window",
+        type=float,
+        default=None,
+        help="train on the bars of this many seconds (default: the trainer's 7 days, never full in a soak)",
+    )
     args = parser.parse_args()
 
     with tempfile.TemporaryDirectory(prefix="alphaengine-soak-") as tmp:
         root = Path(tmp)
         port = free_port()
         config = root / "dev.toml"
-        config.write_text(soak_config(root).replace("port = 9464", f"port = {port}"))
+        config.write_text(
+            soak_config(root, args.retrain_every, args.train_window).replace("port = 9464", f"port = {port}")
+        )
         log = (root / "engine.log").open("w")
         engine = subprocess.Popen(
             [sys.executable, "-m", "alphaengine", "run", "--config", str(config)], stdout=log, stderr=log
@@ -200,7 +217,10 @@ def main() -> int:
                 engine.kill()
                 status = engine.wait()
             log.close()
-            tail = (root / "engine.log").read_text().splitlines()[-3:]
+            engine_log = (root / "engine.log").read_text()
+            if args.log is not None:
+                args.log.write_text(engine_log)
+            tail = engine_log.splitlines()[-3:]
 
     steady = [s for s in samples if s.t_s >= args.warmup]
     rss = np.array([s.rss_mib for s in steady])
