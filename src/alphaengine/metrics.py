@@ -130,26 +130,40 @@ def quantiles_from_samples(samples: Iterable[float], qs: Iterable[float]) -> lis
     return [data[min(len(data) - 1, int(q * len(data)))] for q in qs]
 
 
-class LoopLagProbe:
-    """Measures event-loop lag: how much later than asked a short sleep wakes up."""
+class PeriodicSampler:
+    """Runs ``_run`` as one named task on the running loop, from ``start`` until ``stop``."""
 
-    def __init__(self, interval_s: float = 0.25) -> None:
+    task_name = "sampler"
+
+    def __init__(self, interval_s: float) -> None:
         self.interval_s = interval_s
-        self.samples: collections.deque[float] = collections.deque(maxlen=100_000)
-        """The most recent probes (about seven hours at the default interval), for reports."""
         self._task: asyncio.Task[None] | None = None
 
     def start(self) -> None:
-        """Start probing on the running loop."""
-        self._task = asyncio.get_running_loop().create_task(self._run(), name="loop-lag-probe")
+        """Start sampling on the running loop."""
+        self._task = asyncio.get_running_loop().create_task(self._run(), name=self.task_name)
 
     async def stop(self) -> None:
-        """Stop probing (idempotent)."""
+        """Stop sampling (idempotent)."""
         if self._task is not None:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
             self._task = None
+
+    async def _run(self) -> None:
+        raise NotImplementedError
+
+
+class LoopLagProbe(PeriodicSampler):
+    """Measures event-loop lag: how much later than asked a short sleep wakes up."""
+
+    task_name = "loop-lag-probe"
+
+    def __init__(self, interval_s: float = 0.25) -> None:
+        super().__init__(interval_s)
+        self.samples: collections.deque[float] = collections.deque(maxlen=100_000)
+        """The most recent probes (about seven hours at the default interval), for reports."""
 
     async def _run(self) -> None:
         while True:

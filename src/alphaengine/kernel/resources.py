@@ -13,30 +13,30 @@ import contextlib
 import psutil
 
 from alphaengine.kernel.supervisor import Supervisor
-from alphaengine.metrics import ASYNCIO_TASKS, MODULE_QUEUE, MODULE_TASKS, WORKER_MEMORY, WORKER_PROCESSES
+from alphaengine.metrics import (
+    ASYNCIO_TASKS,
+    MODULE_QUEUE,
+    MODULE_TASKS,
+    WORKER_MEMORY,
+    WORKER_PROCESSES,
+    PeriodicSampler,
+)
 
 
-class ResourceSampler:
+class ResourceSampler(PeriodicSampler):
     """Samples module and process resources every ``interval_s`` until stopped."""
 
+    task_name = "resource-sampler"
+
     def __init__(self, supervisor: Supervisor, interval_s: float = 2.0) -> None:
+        super().__init__(interval_s)
         self.supervisor = supervisor
-        self.interval_s = interval_s
         self._process = psutil.Process()
-        self._task: asyncio.Task[None] | None = None
 
     def start(self) -> None:
         """Sample now and then periodically on the running loop."""
         self.sample()
-        self._task = asyncio.get_running_loop().create_task(self._run(), name="resource-sampler")
-
-    async def stop(self) -> None:
-        """Stop sampling (idempotent)."""
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
+        super().start()
 
     def sample(self) -> None:
         """Set every resource gauge from the current state."""
