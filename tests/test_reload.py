@@ -10,9 +10,10 @@ continued without a break.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import sys
 import uuid
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import orjson
@@ -154,37 +155,47 @@ async def seen_count(sock: Path) -> int:
     return int(status["ticks_received"])
 
 
-async def test_reload_under_load_swaps_code_and_settings_losing_and_repeating_nothing(
-    tmp_path: Path, plugin_dir: tuple[Path, str]
-) -> None:
-    plugin, package = plugin_dir
+@contextlib.asynccontextmanager
+async def echo_engine(tmp_path: Path, plugin: Path, package: str) -> AsyncIterator[tuple[Engine, Path]]:
+    """An engine running version 1 of the plugin (tag "before"); yields it and its config file.
+
+    On leaving, the engine is stopped and must have stopped cleanly.
+    """
     config = tmp_path / "engine.toml"
     write_plugin(plugin, version=1)
     write_config(config, tmp_path, package, tag="before")
     await keep_everything(tmp_path / "bus", ("ticks", "seen"), partitions=2)
     engine = Engine(load(config))
     run = asyncio.ensure_future(engine.run(handle_signals=False))
-    sock = tmp_path / "admin.sock"
     await eventually(engine.ready.is_set, 30)
-    start = await seen_count(sock)
-    await asyncio.sleep(1.0)
-
-    write_plugin(plugin, version=2)
-    write_config(config, tmp_path, package, tag="after")
-    result = await admin.request(sock, "reload", {"module": "echo"})
-    assert result["module"] == "echo"
-    assert result["file"] == str(plugin)
-    assert result["state_keys"] == ["handled"]
-    # The new instance reads on exactly where the old one stopped, on every partition.
-    assert result["resumed_from"] == result["stopped_at"]
-    assert set(result["resumed_from"]) == {"ticks/0", "ticks/1"}
-    assert "reads on from offset" in _render_reload(result)
-    await asyncio.sleep(1.0)
-    assert await seen_count(sock) > start  # ticks kept flowing across the reload
-    health = await admin.request(sock, "health")
-    assert health["healthy"], health
+    yield engine, config
     engine.request_stop("test over")
     assert (await asyncio.wait_for(run, 30)).clean
+
+
+async def test_reload_under_load_swaps_code_and_settings_losing_and_repeating_nothing(
+    tmp_path: Path, plugin_dir: tuple[Path, str]
+) -> None:
+    plugin, package = plugin_dir
+    sock = tmp_path / "admin.sock"
+    async with echo_engine(tmp_path, plugin, package) as (_, config):
+        start = await seen_count(sock)
+        await asyncio.sleep(1.0)
+
+        write_plugin(plugin, version=2)
+        write_config(config, tmp_path, package, tag="after")
+        result = await admin.request(sock, "reload", {"module": "echo"})
+        assert result["module"] == "echo"
+        assert result["file"] == str(plugin)
+        assert result["state_keys"] == ["handled"]
+        # The new instance reads on exactly where the old one stopped, on every partition.
+        assert result["resumed_from"] == result["stopped_at"]
+        assert set(result["resumed_from"]) == {"ticks/0", "ticks/1"}
+        assert "reads on from offset" in _render_reload(result)
+        await asyncio.sleep(1.0)
+        assert await seen_count(sock) > start  # ticks kept flowing across the reload
+        health = await admin.request(sock, "health")
+        assert health["healthy"], health
 
     ticks = await read_topic(tmp_path / "bus", "ticks")
     seen = [orjson.loads(r.value) for r in await read_topic(tmp_path / "bus", "seen")]
@@ -206,32 +217,25 @@ async def test_a_reload_that_fails_keeps_the_previous_code_running(
     tmp_path: Path, plugin_dir: tuple[Path, str]
 ) -> None:
     plugin, package = plugin_dir
-    config = tmp_path / "engine.toml"
-    write_plugin(plugin, version=1)
-    write_config(config, tmp_path, package, tag="before")
-    await keep_everything(tmp_path / "bus", ("ticks", "seen"), partitions=2)
-    engine = Engine(load(config))
-    run = asyncio.ensure_future(engine.run(handle_signals=False))
     sock = tmp_path / "admin.sock"
-    await eventually(engine.ready.is_set, 30)
-
-    plugin.write_text("this is not python\n")
-    with pytest.raises(admin.AdminError, match="cannot reload"):
-        await admin.request(sock, "reload", {"module": "echo"})
-    write_plugin(plugin, version=2, on_start='raise RuntimeError("new code is broken")')
-    with pytest.raises(admin.AdminError, match=r"new code is broken.*previous code and settings run again"):
-        await admin.request(sock, "reload", {"module": "echo"})
-    write_config(config, tmp_path, package, tag="after")
-    config.write_text(config.read_text().replace('tag = "after"', "tag = 7"))
-    with pytest.raises(admin.AdminError, match="tag"):
-        await admin.request(sock, "reload", {"module": "echo"})
-    with pytest.raises(admin.AdminError, match="modules: source, echo"):
-        await admin.request(sock, "reload", {"module": "nope"})
-    health = await admin.request(sock, "health")
-    assert health["healthy"], health
-    await asyncio.sleep(0.5)
-    engine.request_stop("test over")
-    assert (await asyncio.wait_for(run, 30)).clean
+    async with echo_engine(tmp_path, plugin, package) as (engine, config):
+        plugin.write_text("this is not python\n")
+        with pytest.raises(admin.AdminError, match="cannot reload"):
+            await admin.request(sock, "reload", {"module": "echo"})
+        write_plugin(plugin, version=2, on_start='raise RuntimeError("new code is broken")')
+        with pytest.raises(
+            admin.AdminError, match=r"new code is broken.*previous code and settings run again"
+        ):
+            await admin.request(sock, "reload", {"module": "echo"})
+        write_config(config, tmp_path, package, tag="after")
+        config.write_text(config.read_text().replace('tag = "after"', "tag = 7"))
+        with pytest.raises(admin.AdminError, match="tag"):
+            await admin.request(sock, "reload", {"module": "echo"})
+        with pytest.raises(admin.AdminError, match="modules: source, echo"):
+            await admin.request(sock, "reload", {"module": "nope"})
+        health = await admin.request(sock, "health")
+        assert health["healthy"], health
+        await asyncio.sleep(0.5)
 
     ticks = await read_topic(tmp_path / "bus", "ticks")
     seen = [orjson.loads(r.value) for r in await read_topic(tmp_path / "bus", "seen")]
