@@ -7,6 +7,7 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import orjson
@@ -229,6 +230,44 @@ def test_sequence_context_is_the_last_window_of_the_symbol(fitted: dict[str, Mod
     np.testing.assert_allclose(seq.predict(x[-8:])[-1], full[-1], rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(seq.predict(x[:1])[0], full[0], rtol=1e-5, atol=1e-6)
     assert not np.isclose(seq.predict(x[-7:])[-1], full[-1], rtol=1e-4, atol=1e-5)
+
+
+class RecordingNet:
+    """Passes calls on to a Keras network and records the batch sizes it was given."""
+
+    def __init__(self, net: Any) -> None:
+        self.net = net
+        self.batch_sizes: set[int] = set()
+
+    def __call__(self, x: Any, training: bool) -> Any:
+        self.batch_sizes.add(len(x))
+        return self.net(x, training=training)
+
+    def predict(self, batches: Any, verbose: int) -> Any:
+        self.batch_sizes.update(len(batches[i][0]) for i in range(len(batches)))
+        return self.net.predict(batches, verbose=verbose)
+
+
+@pytest.mark.parametrize("name", ["mlp", "seq"])
+def test_neural_predictions_of_any_size_reach_the_network_in_a_few_batch_sizes(
+    fitted: dict[str, Model], name: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The backend compiles the network for every batch size it sees and keeps it: a predictor called
+    with every size from 1 to 2,000 would compile that often and grow by gigabytes."""
+    from alphaengine.models import _keras
+
+    model = fitted[name]
+    x, _, groups = interleaved(3_000, seed=6)
+    sizes = (1, 2, 5, 31, 32, 33, 47, 100, 129, 700, 2_048, 2_049, 2_600)
+    with monkeypatch.context() as unpadded:
+        unpadded.setattr(_keras, "batch_rows", lambda n, batch_size: n)
+        expected = {n: model.predict(x[-n:], groups[-n:]) for n in sizes}
+    recording = RecordingNet(model._net)  # type: ignore[attr-defined]
+    monkeypatch.setattr(model, "_net", recording)
+    for n in sizes:
+        np.testing.assert_allclose(model.predict(x[-n:], groups[-n:]), expected[n], rtol=1e-5, atol=1e-6)
+    batch_size = SMALL[name]["batch_size"]
+    assert recording.batch_sizes <= {32, 64, 128, 256, 512, 1_024, 2_048, batch_size}
 
 
 def test_importing_the_zoo_imports_no_ml_library_and_keras_runs_on_jax() -> None:

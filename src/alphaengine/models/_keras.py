@@ -26,6 +26,8 @@ I64 = npt.NDArray[np.int64]
 DIRECT_CALL_ROWS = 2048
 """Up to this many rows a prediction calls the network directly: ``Model.predict`` costs about 60 ms a
 call in set-up alone (VERIFIED.md), a direct call a few milliseconds."""
+SMALLEST_CALL_ROWS = 32
+"""A direct call gets at least this many rows: see :func:`batch_rows`."""
 
 
 def set_seed(seed: int) -> None:
@@ -140,16 +142,36 @@ def train(net: Any, batches: Batches, validation: Batches | None, epochs: int, p
     return len(history.history["loss"])
 
 
+def batch_rows(n: int, batch_size: int) -> int:
+    """How many rows the network is given to predict ``n``: ``n`` rounded up to a bounded set of sizes.
+
+    The backend compiles the network once for every input shape it sees and keeps what it compiled, so a
+    predictor that called it with every batch size it meets (a few bars, then a catch-up of hundreds)
+    would compile hundreds of times, at tenths of a second each, and its memory would grow by gigabytes.
+    Direct calls are padded to a power of two from :data:`SMALLEST_CALL_ROWS` to :data:`DIRECT_CALL_ROWS`
+    (seven shapes); larger ones to a multiple of ``batch_size``, so every batch of ``Model.predict`` is
+    full (one more shape).
+    """
+    if n <= DIRECT_CALL_ROWS:
+        return max(SMALLEST_CALL_ROWS, 1 << (n - 1).bit_length())
+    return -(-n // batch_size) * batch_size
+
+
 def predict(net: Any, take: Callable[[I64], F32], n: int, batch_size: int) -> F32:
-    """The network's output for rows ``0..n-1``, gathered by ``take``."""
+    """The network's output for rows ``0..n-1``, gathered by ``take``.
+
+    The input is padded with copies of the last row to :func:`batch_rows` rows, whose outputs are
+    dropped: the networks treat rows independently at inference.
+    """
     if n == 0:
         return np.empty(0, dtype=np.float32)
-    rows = np.arange(n, dtype=np.int64)
-    if n <= DIRECT_CALL_ROWS:
+    padded = batch_rows(n, batch_size)
+    rows = np.minimum(np.arange(padded, dtype=np.int64), n - 1)
+    if padded <= DIRECT_CALL_ROWS:
         out = keras.ops.convert_to_numpy(net(take(rows), training=False))
     else:
         out = net.predict(Batches(take, rows, None, batch_size), verbose=0)
-    return np.asarray(out, dtype=np.float32).reshape(n)
+    return np.asarray(out, dtype=np.float32).reshape(padded)[:n]
 
 
 def save(net: Any, path: Path) -> None:
