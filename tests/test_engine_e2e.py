@@ -171,6 +171,15 @@ def test_running_engine_serves_admin_metrics_and_queries_then_stops_on_sigint(tm
     assert query(config, "SELECT count() AS n FROM ticks FINAL")["n"][0] == emitted
 
 
+def test_admin_help_lists_one_command_a_line() -> None:
+    from click.testing import CliRunner
+
+    from alphaengine.cli import main
+
+    help_text = CliRunner().invoke(main, ["admin", "--help"]).output
+    assert "\n  rollback MODEL                  return to the previous champion\n" in help_text
+
+
 def replay_source(*files: Path, speed: str = '"max"') -> str:
     names = ", ".join(f'"{f}"' for f in files)
     return f'[modules.source]\ntype = "replay"\nfiles = [{names}]\nspeed = {speed}\n'

@@ -250,6 +250,7 @@ def test_trainer_settings_are_checked_by_key(section: str, problem: str) -> None
 
 
 async def test_the_engine_serves_retrain_models_promote_rollback_and_demote(tmp_path: Path) -> None:
+    from alphaengine.cli import _render
     from alphaengine.kernel import admin
     from alphaengine.kernel.admin import AdminError
     from alphaengine.kernel.engine import Engine
@@ -299,11 +300,22 @@ fee_bps = 1.0
             await cmd("demote", model="prophet")
         state = await cmd("demote", model="ridge", reason="operator drill")
         assert state["champion"] is None
+        assert _render("demote", {"model": "ridge"}, state).splitlines() == [
+            "ridge: champion none",
+            f"  demote by operator (was {ridge['version']}): operator drill",
+            f"  earlier champions, newest first: {ridge['version']}",
+        ]
         state = await cmd("rollback", model="ridge")
         assert state["champion"] == ridge["version"]
         assert [c["by"] for c in state["history"]] == ["trainer", "operator", "operator"]
+        assert _render("rollback", {"model": "ridge"}, state).splitlines()[:2] == [
+            f"ridge: champion {ridge['version']}",
+            "  rollback by operator (was none): admin rollback",
+        ]
         assert sample("alphaengine_model_champion", model="ridge") in (0.0, 1.0)
-        assert (await cmd("retrain"))["scheduled"] is True
+        scheduled = await cmd("retrain")
+        assert scheduled["scheduled"] is True
+        assert _render("retrain", {}, scheduled) == "training cycle scheduled for ridge"
     finally:
         engine.request_stop("test over")
         await asyncio.wait_for(run, 60)

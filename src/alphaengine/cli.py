@@ -380,7 +380,7 @@ def admin_command(  # noqa: PLR0917  (click passes every option)
     command: str,
     models: tuple[str, ...],
 ) -> None:
-    r"""Talk to a running engine's admin socket. ``health`` exits 1 when the engine is unhealthy.
+    """Talk to a running engine's admin socket. ``health`` exits 1 when the engine is unhealthy.
 
     \b
     status | health | stop
@@ -395,7 +395,7 @@ def admin_command(  # noqa: PLR0917  (click passes every option)
     set-limits KEY=VALUE...         change risk limits (e.g. max_order_notional_usd=1000)
     pause [--reducing-only]         halt trading (or allow only reducing orders)
     resume                          trade again (the drawdown starts over from the equity now)
-    """
+    """  # noqa: D301  (click keeps a paragraph after a backspace line as it is written)
     from alphaengine.kernel import admin  # noqa: PLC0415
     from alphaengine.kernel.engine import resolve_path  # noqa: PLC0415
 
@@ -429,7 +429,7 @@ def admin_command(  # noqa: PLR0917  (click passes every option)
     if as_json:
         click.echo(orjson.dumps(result, option=orjson.OPT_INDENT_2).decode())
     else:
-        click.echo(_render(command, result))
+        click.echo(_render(command, args, result))
     if command == "health" and not result.get("healthy"):
         sys.exit(1)
 
@@ -451,7 +451,7 @@ def _limit_args(pairs: tuple[str, ...]) -> dict[str, float]:
     return out
 
 
-def _render(command: str, result: Any) -> str:
+def _render(command: str, args: dict[str, Any], result: Any) -> str:
     if command in ("positions", "risk", "set-limits", "pause", "resume"):
         from alphaengine.trading.report import render_positions, render_risk  # noqa: PLC0415
 
@@ -460,10 +460,16 @@ def _render(command: str, result: Any) -> str:
         from alphaengine.models.report import render_models  # noqa: PLC0415
 
         return render_models(result)
-    if command == "retrain" and "status" in result:
-        return _render_cycle(result)
+    if command == "retrain":
+        if "status" in result:
+            return _render_cycle(result)
+        return f"training cycle scheduled for {', '.join(result['models'])}"
+    if command in _MODEL_COMMANDS:
+        return _render_model_change(args["model"], result)
     if command == "reload":
         return _render_reload(result)
+    if command == "stop":
+        return "the engine is stopping (gracefully: sources first, then every sink flushes and commits)"
     lines: list[str] = []
     if command == "status":
         lines.append(
@@ -479,6 +485,19 @@ def _render(command: str, result: Any) -> str:
         extra = f"  {m['detail']}" if m.get("detail") else ""
         restarts = f"  restarts {m['restarts']}" if m.get("restarts") else ""
         lines.append(f"  {m['module']:<16} {m['state']:<10}{restarts}{extra}")
+    return "\n".join(lines)
+
+
+def _render_model_change(model: str, result: dict[str, Any]) -> str:
+    """A model's state after promote, rollback or demote: its champion now, and the change made."""
+    lines = [f"{model}: champion {result['champion'] or 'none'}"]
+    if result["history"]:
+        last = result["history"][-1]
+        was = last["previous"] or "none"
+        why = f": {last['reason']}" if last.get("reason") else ""
+        lines.append(f"  {last['action']} by {last['by']} (was {was}){why}")
+    if result["earlier"]:
+        lines.append(f"  earlier champions, newest first: {', '.join(reversed(result['earlier']))}")
     return "\n".join(lines)
 
 
