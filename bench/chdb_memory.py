@@ -1,15 +1,15 @@
 """Memory of the embedded store: does chDB's RSS grow as bars are appended and the training window read?
 
 The trainer's side of a cycle in the engine process is a read of its window of bars from the store
-(``SELECT ... FROM bars FINAL WHERE ts_ns > now - window ORDER BY ...``) written to Parquet for the
-workers. This benchmark repeats that against a fresh chDB store in a temporary directory, in rounds:
-each round appends ``--rows`` 1-second bars to each of five symbols (as the bar sink does) and reads the
-last ``--window`` seconds as the trainer does. ``--mode insert`` only appends, ``--mode query`` appends
-once (``--rounds`` x ``--rows`` bars a symbol) and then only reads. Every ``--every`` rounds it prints the
-process's RSS, what chDB's own memory tracker counts (``system.metrics`` ``MemoryTracking``), the active
-parts of the table and the process's threads.
+(:func:`~alphaengine.models.trainer.latest_bars`) written to Parquet for the workers. This benchmark repeats
+that against a fresh chDB store in a temporary directory, in rounds: each round appends ``--rows`` 1-second
+bars to each of five symbols (as the bar sink does) and reads the last ``--window`` seconds as the trainer
+does. ``--mode insert`` only appends, ``--mode query`` appends once (``--rounds`` x ``--rows`` bars a
+symbol) and then only reads. Every ``--every`` rounds it prints the process's RSS, what chDB's own memory
+tracker counts (``system.metrics`` ``MemoryTracking``), the active parts of the table and the process's
+threads.
 
-    .venv/bin/python bench/chdb_memory.py                     # 1,000 rounds of both, about 5 minutes
+    .venv/bin/python bench/chdb_memory.py                     # 1,000 rounds of both, about 2 minutes
     .venv/bin/python bench/chdb_memory.py --mode insert --rounds 300
     .venv/bin/python bench/chdb_memory.py --mode query --rounds 300
 """
@@ -27,7 +27,7 @@ import psutil
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from alphaengine.models.trainer import _BAR_COLUMNS
+from alphaengine.models.trainer import latest_bars
 from alphaengine.store.chdb import ChdbStore
 
 MIB = 1024 * 1024
@@ -102,11 +102,8 @@ async def main(args: argparse.Namespace) -> None:
                 await append(store, newest_s, args.rows, rng)
                 newest_s += args.rows
             if args.mode != "insert":
-                start_ns = (newest_s - int(args.window)) * 1_000_000_000
-                window = await store.query(
-                    f"SELECT {_BAR_COLUMNS} FROM bars FINAL WHERE interval_s = 1 AND ts_ns > {start_ns} "
-                    "ORDER BY venue, symbol, ts_ns"
-                )
+                window = await latest_bars(store, "interval_s = 1", int(args.window * 1e9))
+                assert window is not None
                 pq.write_table(window, Path(tmp) / "bars.parquet", compression="zstd")
                 del window
             if i % args.every == 0:

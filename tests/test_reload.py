@@ -15,6 +15,7 @@ import sys
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
+from typing import Any
 
 import orjson
 import polars as pl
@@ -150,6 +151,13 @@ async def read_topic(bus_dir: Path, topic: str) -> list[Record]:
         await bus.close()
 
 
+async def handled(bus_dir: Path) -> tuple[list[tuple[int, int]], list[list[Any]]]:
+    """The (partition, offset) of every tick record, sorted, and everything the plugin published."""
+    ticks = await read_topic(bus_dir, "ticks")
+    seen = [orjson.loads(r.value) for r in await read_topic(bus_dir, "seen")]
+    return sorted((r.partition, r.offset) for r in ticks), seen
+
+
 async def seen_count(sock: Path) -> int:
     status = await admin.request(sock, "status")
     return int(status["ticks_received"])
@@ -197,11 +205,9 @@ async def test_reload_under_load_swaps_code_and_settings_losing_and_repeating_no
         health = await admin.request(sock, "health")
         assert health["healthy"], health
 
-    ticks = await read_topic(tmp_path / "bus", "ticks")
-    seen = [orjson.loads(r.value) for r in await read_topic(tmp_path / "bus", "seen")]
+    ticks, seen = await handled(tmp_path / "bus")
     # Every tick record handled exactly once: nothing lost, nothing twice.
-    handled = sorted((p, o) for p, o, *_ in seen)
-    assert handled == sorted((r.partition, r.offset) for r in ticks)
+    assert sorted((p, o) for p, o, *_ in seen) == ticks
     # The old code with the old settings up to the reload, the new code with the new settings after.
     versions = {(v, tag) for *_, v, tag, _ in seen}
     assert versions == {(1, "before"), (2, "after")}
@@ -237,9 +243,8 @@ async def test_a_reload_that_fails_keeps_the_previous_code_running(
         assert health["healthy"], health
         await asyncio.sleep(0.5)
 
-    ticks = await read_topic(tmp_path / "bus", "ticks")
-    seen = [orjson.loads(r.value) for r in await read_topic(tmp_path / "bus", "seen")]
-    assert sorted((p, o) for p, o, *_ in seen) == sorted((r.partition, r.offset) for r in ticks)
+    ticks, seen = await handled(tmp_path / "bus")
+    assert sorted((p, o) for p, o, *_ in seen) == ticks
     # Only the first code ever handled a record: the broken versions never took over.
     assert {v for _, _, v, *_ in seen} == {1}
     assert engine.supervisor is not None

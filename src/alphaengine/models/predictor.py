@@ -41,16 +41,12 @@ from alphaengine.errors import AlphaEngineError
 from alphaengine.features import KEY, FeatureParams, FeatureStream, core_feature_set
 from alphaengine.kernel.module import Context, ModuleSettings
 from alphaengine.models.registry import ModelRegistry, VersionInfo
-from alphaengine.models.trainer import CACHE_DIR, ModelName
+from alphaengine.models.trainer import CACHE_DIR, ModelName, latest_bars
 from alphaengine.models.worker import predict_rows
 from alphaengine.models.zoo import Model, load
 from alphaengine.pipeline.consumer import ConsumerModule, ConsumerSettings
 
 NS = 1_000_000_000
-_BAR_COLUMNS = (
-    "venue, symbol, interval_s, ts_ns, open, high, low, close, volume, quote_volume, vwap, trade_count, "
-    "buy_volume, sell_volume, first_trade_id, last_trade_id"
-)
 
 
 class PredictorSettings(ConsumerSettings, frozen=True):
@@ -195,18 +191,8 @@ class Predictor(ConsumerModule[PredictorSettings]):
         stream = self._streams[feature_set]
         lookback = stream.feature_set.max_lookback + context_rows
         interval = self.config.bar_interval_s
-        where = f"interval_s = {interval}"
-        newest = await self.ctx.store.query(
-            f"SELECT max(ts_ns) AS newest, count() AS n FROM bars WHERE {where}"
-        )
-        if not newest.num_rows or not newest["n"][0].as_py():
-            return
-        start = int(newest["newest"][0].as_py()) - lookback * interval * NS
-        table = await self.ctx.store.query(
-            f"SELECT {_BAR_COLUMNS} FROM bars FINAL WHERE {where} AND ts_ns > {start} "
-            "ORDER BY venue, symbol, ts_ns"
-        )
-        if table.num_rows:
+        table = await latest_bars(self.ctx.store, f"interval_s = {interval}", lookback * interval * NS)
+        if table is not None and table.num_rows:
             await asyncio.to_thread(self._update, feature_set, pl.DataFrame(table))
             self.log.info("feature set %s warmed up on %d bars", feature_set, table.num_rows)
 

@@ -68,6 +68,23 @@ _BAR_COLUMNS: Final = (
     "buy_volume, sell_volume, first_trade_id, last_trade_id"
 )
 
+
+async def latest_bars(store: Store, where: str, span_ns: int) -> pa.Table | None:
+    """The stored bars matching ``where`` (SQL) of the ``span_ns`` up to the newest of them.
+
+    Ordered by venue, symbol and time, each bar once (``FINAL``); ``None`` when none match. The
+    trainer's window and the predictor's warm-up read their bars so.
+    """
+    newest = await store.query(f"SELECT max(ts_ns) AS newest, count() AS n FROM bars WHERE {where}")
+    if not newest.num_rows or not newest["n"][0].as_py():
+        return None
+    start = int(newest["newest"][0].as_py()) - span_ns
+    return await store.query(
+        f"SELECT {_BAR_COLUMNS} FROM bars FINAL WHERE {where} AND ts_ns > {start} "
+        "ORDER BY venue, symbol, ts_ns"
+    )
+
+
 ModelName = Literal["ridge", "forest", "lgbm", "mlp", "seq"]
 _Positive = Annotated[int, msgspec.Meta(ge=1)]
 _PositiveFloat = Annotated[float, msgspec.Meta(gt=0)]
@@ -347,14 +364,8 @@ class Retrainer:
         where = f"interval_s = {int(s.bar_interval_s)}"
         if s.symbols:
             where += " AND symbol IN (" + ", ".join(_sql_string(x) for x in s.symbols) + ")"
-        newest = await self.store.query(f"SELECT max(ts_ns) AS newest, count() AS n FROM bars WHERE {where}")
-        if not newest.num_rows or not newest["n"][0].as_py():
-            return pa.table({"ts_ns": pa.array([], pa.int64())})
-        start = int(newest["newest"][0].as_py()) - int(s.window_s * 1e9)
-        return await self.store.query(
-            f"SELECT {_BAR_COLUMNS} FROM bars FINAL WHERE {where} AND ts_ns > {start} "
-            "ORDER BY venue, symbol, ts_ns"
-        )
+        bars = await latest_bars(self.store, where, int(s.window_s * 1e9))
+        return pa.table({"ts_ns": pa.array([], pa.int64())}) if bars is None else bars
 
     async def _train_model(self, name: str, frame: FrameInfo, directory: Path, source: str) -> ModelOutcome:
         s = self.settings
